@@ -1,0 +1,81 @@
+"""Planning: a spec becomes a list of jobs (defense x attack x epsilon) with stable ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
+from medaudit.core.components import Access, LoadedModel
+from medaudit.core.errors import SpecError
+from medaudit.core.host import Host
+
+CLEAN = "clean"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of work whose per-sample records are written to ``records/<id>.jsonl``.
+
+    A ``clean`` job evaluates a (defended) model on unperturbed data; attack jobs attack
+    only the samples that model classifies correctly (the others are already errors).
+    """
+
+    id: str
+    defense: str
+    attack: str  #: attack label, or ``clean``
+    attack_name: str | None
+    epsilon: float
+    config: dict
+
+    @property
+    def is_clean(self) -> bool:
+        return self.attack == CLEAN
+
+    def title(self) -> str:
+        if self.is_clean:
+            return f"{self.defense}: clean"
+        return f"{self.defense}: {self.attack} eps={epsilon_label(self.epsilon)}"
+
+
+def _job_id(slug: str, config: dict) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{slug}-{digest}"
+
+
+def plan_jobs(spec: Spec) -> list[Job]:
+    """Every job of the audit, clean jobs first, in a stable order."""
+    jobs: list[Job] = []
+    defenses = [(NO_DEFENSE, None)] + [(d.label, d) for d in spec.defenses]
+    for d_label, d_ref in defenses:
+        d_config = None if d_ref is None else {"name": d_ref.name, "params": d_ref.params}
+        config = {"task": spec.task.value, "defense": d_config, "attack": None}
+        jobs.append(Job(_job_id(f"{d_label}.clean", config), d_label, CLEAN, None, 0.0, config))
+        for a_ref in spec.attacks:
+            for i, eps in enumerate(spec.threat_model.epsilons):
+                config = {
+                    "task": spec.task.value,
+                    "defense": d_config,
+                    "attack": {"name": a_ref.name, "params": a_ref.params},
+                    "norm": spec.threat_model.norm.value,
+                    "epsilon": eps,
+                }
+                slug = f"{d_label}.{a_ref.label}.eps{i}"
+                jobs.append(Job(_job_id(slug, config), d_label, a_ref.label, a_ref.name, eps, config))
+    return jobs
+
+
+def check_model_access(spec: Spec, host: Host, model: LoadedModel) -> None:
+    """Refuse attacks that need more from the model than it gives (e.g. gradients of ONNX)."""
+    problems = []
+    for i, ref in enumerate(spec.attacks):
+        cls = host.get("attack", ref.name)
+        if cls.needs not in model.access:
+            offered = ", ".join(sorted(a.value for a in model.access)) or "nothing"
+            problems.append(
+                f"attacks[{i}]: attack {ref.label!r} needs {cls.needs.value} but the model gives {offered}"
+                + ("; use a score- or decision-based attack" if Access.GRADIENTS not in model.access else "")
+            )
+    if problems:
+        raise SpecError(problems, source="plan")

@@ -1,0 +1,201 @@
+"""From per-sample records to results: metrics per group, worst case, validity, verdicts.
+
+Everything here reads the run directory's records only, so results can be recomputed
+from a run directory, and a resumed run gives the same results as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+from medaudit.audits.plan import Job
+from medaudit.audits.records import read_records
+from medaudit.audits.spec import NO_DEFENSE, WORST_CASE, Criterion, Spec, epsilon_label
+from medaudit.core.components import Metric, MetricValue
+from medaudit.core.errors import ExitCode
+from medaudit.core.host import Host
+
+PASS, FAIL, INCONCLUSIVE, INVALID, WARN = "PASS", "FAIL", "INCONCLUSIVE", "INVALID", "WARN"
+NOT_ASSESSED = "NOT ASSESSED"
+
+VERDICT_EXIT_CODES = {
+    PASS: ExitCode.PASS,
+    FAIL: ExitCode.FAIL,
+    INCONCLUSIVE: ExitCode.INCONCLUSIVE,
+    INVALID: ExitCode.INVALID,
+    NOT_ASSESSED: ExitCode.NO_DATA,
+}
+
+#: Slack for floating-point round-off when checking that a perturbation respects its budget.
+BUDGET_TOLERANCE = 1e-5
+
+
+def wilson_interval(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (good coverage at small n)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
+
+
+def _value(mv: MetricValue | None, confidence: float) -> dict[str, Any] | None:
+    if mv is None:
+        return None
+    out: dict[str, Any] = {"value": mv.value, "n": mv.n}
+    if mv.successes is not None:
+        low, high = wilson_interval(mv.successes, mv.n, confidence)
+        out.update(successes=mv.successes, ci_low=low, ci_high=high)
+    return out
+
+
+def worst_case_records(per_attack: list[list[dict]]) -> list[dict]:
+    """Merge the records of several attacks at one epsilon: a sample is robust only if it
+    survives every attack; a broken sample takes the record of the first attack that broke it."""
+    merged = []
+    for rows in zip(*per_attack):
+        broken = [r for r in rows if not r["adv_correct"]]
+        row = dict(broken[0] if broken else rows[0])
+        row["in_range"] = all(r["in_range"] for r in rows)
+        merged.append(row)
+    return merged
+
+
+def compute_results(spec: Spec, host: Host, jobs: list[Job], run_dir: Path) -> dict[str, Any]:
+    """Metrics per defense (clean) and per (defense, attack or worst case, epsilon)."""
+    confidence = spec.acceptance.confidence
+    metrics: dict[str, Metric] = {name: host.get("metric", name)() for name in spec.metrics}
+    clean_metrics = {n: m for n, m in metrics.items() if m.clean}
+    attack_metrics = {n: m for n, m in metrics.items() if not m.clean}
+
+    records = {job.id: read_records(run_dir, job.id) for job in jobs}
+    for job in jobs:
+        for row in records[job.id]:
+            row["attack"] = job.attack
+    clean: dict[str, dict] = {}
+    rows: list[dict[str, Any]] = []
+    defenses = [NO_DEFENSE] + [d.label for d in spec.defenses]
+    for defense in defenses:
+        clean_job = next(j for j in jobs if j.defense == defense and j.is_clean)
+        clean[defense] = {n: _value(m.compute(records[clean_job.id]), confidence) for n, m in clean_metrics.items()}
+        for eps in spec.threat_model.epsilons:
+            group = [j for j in jobs if j.defense == defense and not j.is_clean and j.epsilon == eps]
+            for job in group:
+                rows.append(_row(defense, job.attack, eps, records[job.id], attack_metrics, confidence))
+            merged = worst_case_records([records[j.id] for j in group])
+            rows.append(_row(defense, WORST_CASE, eps, merged, attack_metrics, confidence))
+    return {"clean": clean, "rows": rows, "records": records}
+
+
+def _row(defense: str, attack: str, eps: float, records: list[dict], metrics: dict[str, Metric], confidence: float) -> dict:
+    return {
+        "defense": defense,
+        "attack": attack,
+        "epsilon": eps,
+        "epsilon_label": epsilon_label(eps),
+        "metrics": {n: _value(m.compute(records), confidence) for n, m in metrics.items()},
+    }
+
+
+# -- validity -------------------------------------------------------------------------
+
+
+def validity_checks(spec: Spec, jobs: list[Job], records: dict[str, list[dict]], rows: list[dict]) -> list[dict]:
+    """Checks that the numbers can support a claim. ``gating`` failures make the audit INVALID."""
+    norm_field = "linf" if spec.threat_model.norm.value == "linf" else "l2"
+    worst_excess, out_of_range = 0.0, 0
+    for job in jobs:
+        if job.is_clean:
+            continue
+        for r in records[job.id]:
+            worst_excess = max(worst_excess, r[norm_field] - job.epsilon)
+            out_of_range += not r["in_range"]
+    budget_ok = worst_excess <= BUDGET_TOLERANCE and out_of_range == 0
+    checks = [
+        {
+            "id": "budget_respected",
+            "title": "Perturbations respect the budget and the valid range",
+            "status": PASS if budget_ok else FAIL,
+            "gating": True,
+            "evidence": f"largest excess of the {norm_field} norm over epsilon: {worst_excess:.2e} "
+            f"(tolerance {BUDGET_TOLERANCE:.0e}); adversarial inputs outside [0, 1]: {out_of_range}",
+        }
+    ]
+    bumps = []
+    for defense in {r["defense"] for r in rows}:
+        curve = [r for r in rows if r["defense"] == defense and r["attack"] == WORST_CASE]
+        values = [(r["epsilon_label"], (r["metrics"].get("robust_accuracy") or {}).get("value")) for r in curve]
+        for (e0, v0), (e1, v1) in zip(values, values[1:]):
+            if v0 is not None and v1 is not None and v1 > v0 + 1e-12:
+                bumps.append(f"{defense}: {v0:.3f} at {e0} -> {v1:.3f} at {e1}")
+    if "robust_accuracy" in spec.metrics:
+        checks.append(
+            {
+                "id": "epsilon_monotonic",
+                "title": "Worst-case robust accuracy does not rise with epsilon",
+                "status": WARN if bumps else PASS,
+                "gating": False,
+                "evidence": "; ".join(bumps) if bumps else "non-increasing for every defense",
+            }
+        )
+    return checks
+
+
+# -- acceptance -----------------------------------------------------------------------
+
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def judge(criterion: Criterion, value: dict | None) -> dict[str, Any]:
+    """Verdict of one criterion on the confidence bound on the patient's side (by default)."""
+    statistic = criterion.statistic
+    if statistic == "auto":
+        statistic = "lower_bound" if criterion.op in (">=", ">") else "upper_bound"
+    out: dict[str, Any] = {**criterion.model_dump(mode="json"), "statistic": statistic, "estimate": None}
+    if criterion.epsilon is not None:
+        out["epsilon_label"] = epsilon_label(criterion.epsilon)
+    if value is None:
+        return {**out, "verdict": INCONCLUSIVE, "reason": "no value: no sample in scope"}
+    if statistic != "point" and "ci_low" not in value:
+        statistic = out["statistic"] = "point"  # no interval for this metric
+    compared = {"point": value["value"], "lower_bound": value.get("ci_low"), "upper_bound": value.get("ci_high")}[statistic]
+    out.update(estimate=value["value"], ci_low=value.get("ci_low"), ci_high=value.get("ci_high"), n=value["n"], compared=compared)
+    if value["n"] < criterion.min_n:
+        return {**out, "verdict": INCONCLUSIVE, "reason": f"n={value['n']} is below min_n={criterion.min_n}"}
+    ok = _OPS[criterion.op](compared, criterion.threshold)
+    return {**out, "verdict": PASS if ok else FAIL, "reason": ""}
+
+
+def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[dict]) -> dict[str, Any]:
+    judged = []
+    for c in spec.acceptance.criteria:
+        if host.get("metric", c.metric).clean:
+            value = computed["clean"][c.defense].get(c.metric)
+        else:
+            row = next(
+                r for r in computed["rows"]
+                if r["defense"] == c.defense and r["attack"] == c.attack and abs(r["epsilon"] - c.epsilon) < 1e-12
+            )
+            value = row["metrics"].get(c.metric)
+        judged.append(judge(c, value))
+    blocking = [j["verdict"] for j in judged if j["severity"] == "blocking"]
+    if any(ch["gating"] and ch["status"] == FAIL for ch in checks):
+        verdict = INVALID
+    elif not judged:
+        verdict = NOT_ASSESSED
+    elif FAIL in blocking:
+        verdict = FAIL
+    elif INCONCLUSIVE in blocking:
+        verdict = INCONCLUSIVE
+    else:
+        verdict = PASS
+    return {"criteria": judged, "verdict": verdict, "exit_code": int(VERDICT_EXIT_CODES[verdict])}

@@ -1,0 +1,315 @@
+"""Running a validated spec: load once, run every unfinished job, aggregate, report.
+
+Model and data are loaded and checked before the run directory is created, so bad input
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import medaudit
+from medaudit.audits import rundir
+from medaudit.audits.plan import Job, check_model_access, plan_jobs
+from medaudit.audits.records import RecordWriter, is_done, read_records
+from medaudit.audits.results import acceptance, compute_results, validity_checks
+from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
+from medaudit.core.components import Attack, LoadedData, LoadedModel, component_info
+from medaudit.core.environment import describe_environment, select_device
+from medaudit.core.errors import DataError, ExitCode, MedauditError
+from medaudit.core.host import Host
+
+SCHEMA_VERSION = 1
+
+
+class Interrupted(MedauditError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+class NothingToEvaluate(MedauditError):
+    exit_code = ExitCode.NO_DATA
+
+
+@dataclasses.dataclass
+class Outcome:
+    run_dir: Path
+    results: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return self.results["acceptance"]["exit_code"]
+
+
+def job_seed(seed: int, job_id: str) -> int:
+    """Every random choice of a job derives from the spec's seed and the job's id."""
+    return int(hashlib.sha256(f"{seed}:{job_id}".encode()).hexdigest()[:15], 16)
+
+
+def check_data_fits(data: LoadedData, model: LoadedModel) -> None:
+    if len(data) == 0:
+        raise NothingToEvaluate("the dataset is empty: nothing to evaluate")
+    channels = data.images.shape[1]
+    if channels not in (1, model.in_channels):
+        raise DataError(f"images have {channels} channels but the model takes {model.in_channels}")
+    bad = (data.labels < 0) | (data.labels >= model.num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise DataError(
+            f"case {data.case_ids[i]}: label {int(data.labels[i])} is outside the model's "
+            f"{model.num_classes} classes"
+        )
+
+
+class Runner:
+    def __init__(self, spec: Spec, host: Host, *, show_progress: bool = True, command: str = ""):
+        self.spec = spec
+        self.host = host
+        self.show_progress = show_progress
+        self.command = command
+        self.console = Console(stderr=True)
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        spec = self.spec
+        if spec.runtime.num_threads:
+            torch.set_num_threads(spec.runtime.num_threads)
+        self.device = select_device(spec.runtime.device)
+        torch.manual_seed(spec.runtime.seed)
+        dataset_cls = self.host.get("dataset", spec.data.dataset)
+        self.data = dataset_cls(dataset_cls.Params.model_validate(spec.data.params)).load()
+        loader_cls = self.host.get("model", spec.model.loader)
+        self.model = loader_cls(loader_cls.Params.model_validate(spec.model.params)).load(spec.task)
+        check_data_fits(self.data, self.model)
+        check_model_access(spec, self.host, self.model)
+        self.model.module.to(self.device)
+        self.models = {NO_DEFENSE: self.model}
+        for ref in spec.defenses:
+            cls = self.host.get("defense", ref.name)
+            defended = cls(cls.Params.model_validate(ref.params)).apply(self.model, self.data)
+            defended.module.to(self.device)
+            self.models[ref.label] = defended
+        self.jobs = plan_jobs(spec)
+        self.fingerprints = {
+            "spec_sha256": spec.digest(),
+            "model_sha256": self.model.fingerprint,
+            "data_sha256": self.data.fingerprint,
+        }
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, resume_dir: Path | None = None) -> Outcome:
+        self.load()
+        if resume_dir is not None:
+            run_dir = Path(resume_dir)
+            rundir.check_resumable(run_dir, self.fingerprints)
+        else:
+            run_dir = rundir.new_run_dir(self.spec.runtime.output_dir, self.spec.audit.name)
+            rundir.init_run_dir(
+                run_dir, self.spec.model_dump(mode="json"), self.fingerprints, describe_environment(self.device)
+            )
+        self.run_dir = run_dir
+        rundir.log_event(run_dir, event="resume" if resume_dir else "start", command=self.command)
+        self.host.pm.hook.audit_started(spec=self.spec, run_dir=run_dir, jobs=self.jobs)
+
+        todo = [job for job in self.jobs if not is_done(run_dir, job.id)]
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, disable=not self.show_progress, transient=False,
+        )
+        with progress:
+            overall = progress.add_task("jobs", total=len(self.jobs), completed=len(self.jobs) - len(todo))
+            for job in todo:
+                try:
+                    summary = self.run_job(job, progress)
+                    progress.advance(overall)
+                    self.host.pm.hook.job_finished(job=job, summary=summary, run_dir=run_dir)
+                except KeyboardInterrupt:
+                    done = sum(is_done(run_dir, j.id) for j in self.jobs)
+                    rundir.log_event(run_dir, event="interrupted", finished_jobs=done)
+                    raise Interrupted(
+                        f"interrupted: {done} of {len(self.jobs)} jobs finished in {run_dir}; "
+                        f"resume with: medaudit run SPEC --resume {run_dir}"
+                    ) from None
+
+        results = self.build_results()
+        rundir.write_json(run_dir / "results.json", results)
+        if "html" in self.spec.report.formats:
+            from medaudit.reports.html import write_report
+
+            write_report(results, run_dir, self.host)
+        rundir.log_event(run_dir, event="finished", verdict=results["acceptance"]["verdict"])
+        self.host.pm.hook.audit_finished(results=results, run_dir=run_dir)
+        return Outcome(run_dir, results)
+
+    def run_job(self, job: Job, progress: Progress) -> dict[str, Any]:
+        started = time.perf_counter()
+        model = self.models[job.defense].module
+        n, bs = len(self.data), self.spec.runtime.batch_size
+        attack: Attack | None = None
+        clean_pred = None
+        if not job.is_clean:
+            cls = self.host.get("attack", job.attack_name)
+            ref = next(a for a in self.spec.attacks if a.label == job.attack)
+            attack = cls(cls.Params.model_validate(ref.params))
+            clean_job = next(j for j in self.jobs if j.defense == job.defense and j.is_clean)
+            clean_pred = torch.tensor([r["clean_pred"] for r in read_records(self.run_dir, clean_job.id)])
+        generator = torch.Generator(device=self.device).manual_seed(job_seed(self.spec.runtime.seed, job.id))
+        torch.manual_seed(job_seed(self.spec.runtime.seed, job.id))
+
+        task = progress.add_task(f"  {job.title()}", total=-(-n // bs))
+        writer = RecordWriter(self.run_dir, job.id)
+        try:
+            for start in range(0, n, bs):
+                x = self.data.images[start : start + bs].to(self.device)
+                y = self.data.labels[start : start + bs].to(self.device)
+                if attack is None:
+                    rows = self._clean_batch(model, x, y)
+                else:
+                    rows = self._attack_batch(model, attack, job, x, y, clean_pred[start : start + bs], generator)
+                for row, case in zip(rows, self.data.case_ids[start : start + bs]):
+                    row["case"] = case
+                writer.write(rows)
+                progress.advance(task)
+        except BaseException:
+            writer.discard()
+            progress.remove_task(task)
+            raise
+        writer.commit()
+        progress.remove_task(task)
+        seconds = time.perf_counter() - started
+        rundir.log_event(self.run_dir, event="job", job=job.id, seconds=round(seconds, 3))
+        return {"job": job.id, "seconds": seconds}
+
+    @staticmethod
+    def _clean_batch(model, x, y) -> list[dict]:
+        with torch.inference_mode():
+            pred = model(x).argmax(1)
+        return [
+            {"label": label, "clean_pred": p, "adv_pred": p, "attacked": False, "linf": 0.0, "l2": 0.0, "in_range": True}
+            for label, p in zip(y.tolist(), pred.tolist())
+        ]
+
+    def _attack_batch(self, model, attack: Attack, job: Job, x, y, clean_pred, generator) -> list[dict]:
+        """Attack the samples the model gets right; the others are already errors."""
+        correct = (clean_pred.to(self.device) == y)
+        adv_pred = clean_pred.to(self.device).clone()
+        linf = torch.zeros(len(y), device=self.device)
+        l2 = torch.zeros(len(y), device=self.device)
+        in_range = torch.ones(len(y), dtype=torch.bool, device=self.device)
+        idx = correct.nonzero().flatten()
+        if len(idx):
+            x_att, y_att = x[idx], y[idx]
+            with torch.enable_grad():
+                x_adv = attack.perturb(model, x_att, y_att, eps=job.epsilon, norm=self.spec.threat_model.norm, generator=generator)
+            with torch.inference_mode():
+                adv_pred[idx] = model(x_adv).argmax(1)
+            delta = (x_adv - x_att).flatten(1).float()
+            linf[idx] = delta.abs().amax(1)
+            l2[idx] = delta.norm(dim=1)
+            in_range[idx] = ((x_adv >= 0) & (x_adv <= 1)).flatten(1).all(1)
+        return [
+            {"label": a, "clean_pred": b, "adv_pred": c, "attacked": d, "linf": e, "l2": f, "in_range": g}
+            for a, b, c, d, e, f, g in zip(
+                y.tolist(), clean_pred.tolist(), adv_pred.tolist(), correct.tolist(), linf.tolist(), l2.tolist(), in_range.tolist()
+            )
+        ]
+
+    # -- results ------------------------------------------------------------------------
+
+    def build_results(self) -> dict[str, Any]:
+        spec, host = self.spec, self.host
+        computed = compute_results(spec, host, self.jobs, self.run_dir)
+        checks = validity_checks(spec, self.jobs, computed["records"], computed["rows"])
+        accepted = acceptance(spec, host, computed, checks)
+        timeline = rundir.read_timeline(self.run_dir)
+        seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
+        data = self.data
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "medaudit_version": medaudit.__version__,
+            "audit": {
+                "name": spec.audit.name,
+                "title": spec.title(),
+                "description": spec.audit.description,
+                "task": spec.task.value,
+                "started": next((e["at"] for e in timeline if e["event"] == "start"), None),
+                "finished": rundir.utc_now(),
+            },
+            "verdict": accepted["verdict"],
+            "exit_code": accepted["exit_code"],
+            "fingerprints": self.fingerprints,
+            "model": {
+                "loader": spec.model.loader,
+                **self._provenance("model", spec.model.loader),
+                "description": self.model.description,
+                "num_classes": self.model.num_classes,
+                "in_channels": self.model.in_channels,
+                "access": sorted(a.value for a in self.model.access),
+                "sha256": self.model.fingerprint,
+            },
+            "data": {
+                "dataset": spec.data.dataset,
+                **self._provenance("dataset", spec.data.dataset),
+                "description": data.description,
+                "n": len(data),
+                "image_shape": list(data.images.shape[1:]),
+                "class_names": data.class_names,
+                "class_counts": {
+                    data.class_names[k] if k < len(data.class_names) else str(k): v
+                    for k, v in sorted(Counter(data.labels.tolist()).items())
+                },
+                "sha256": data.fingerprint,
+            },
+            "threat_model": {
+                "norm": spec.threat_model.norm.value,
+                "epsilons": spec.threat_model.epsilons,
+                "epsilon_labels": [epsilon_label(e) for e in spec.threat_model.epsilons],
+            },
+            "attacks": [
+                {"label": a.label, "name": a.name, "params": a.params, **self._provenance("attack", a.name)}
+                for a in spec.attacks
+            ],
+            "defenses": [
+                {"label": d.label, "name": d.name, "params": d.params, **self._provenance("defense", d.name)}
+                for d in spec.defenses
+            ],
+            "metrics": [
+                {"name": m, "summary": host.get("metric", m).summary(), "better": host.get("metric", m).better,
+                 "clean": host.get("metric", m).clean}
+                for m in spec.metrics
+            ],
+            "clean": computed["clean"],
+            "rows": computed["rows"],
+            "validity": checks,
+            "acceptance": accepted,
+            "jobs": [
+                {"id": j.id, "title": j.title(), "defense": j.defense, "attack": j.attack, "epsilon": j.epsilon,
+                 "seconds": seconds.get(j.id)}
+                for j in self.jobs
+            ],
+            "timeline": timeline,
+            "environment": json.loads((self.run_dir / "environment.json").read_text(encoding="utf-8")),
+            "seed": spec.runtime.seed,
+            "spec": spec.model_dump(mode="json"),
+        }
+
+    def _provenance(self, kind: str, name: str) -> dict[str, Any]:
+        cls = self.host.get(kind, name)
+        info = self.host.plugin_of(cls)
+        out = {"plugin": cls.plugin, "distribution": info.distribution if info else None, "version": info.version if info else None}
+        if kind == "attack":
+            c = component_info(cls)
+            out.update(summary=c["summary"], norms=c["norms"], needs=c["needs"], targeted=c["targeted"])
+        return out
+

@@ -1,0 +1,352 @@
+"""The audit spec: a YAML file validated in full before anything heavy happens.
+
+Validation runs in two passes over the parsed YAML and reports every error of both at
+once, each with file, line and field path: the spec's own structure (pydantic), then every
+component reference (known name, params valid against the component's own ``Params``,
+task and norm supported).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medaudit.audits.yamlsource import Loc, Source, format_loc, parse_yaml, read_yaml
+from medaudit.core.components import Norm, Task
+from medaudit.core.errors import SpecError
+from medaudit.core.host import Host, unknown_name_message
+
+WORST_CASE = "worst_case"
+NO_DEFENSE = "none"
+
+
+def parse_epsilon(value: Any) -> Any:
+    """Accept numbers and fractions written as strings, such as ``1/255``."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                numerator, denominator = text.split("/")
+                return float(numerator) / float(denominator)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{value!r} is not a number or a fraction such as 1/255") from None
+    return value
+
+
+#: A perturbation budget in pixel units of [0, 1] images.
+Epsilon = Annotated[float, BeforeValidator(parse_epsilon), Field(ge=0.0, le=1.0)]
+
+
+def epsilon_label(eps: float) -> str:
+    """``0.00392...`` -> ``1/255``: budgets are easier to read in grey levels."""
+    grey = eps * 255
+    if eps == 0:
+        return "0"
+    for digits in (0, 1, 2):
+        if abs(grey - round(grey, digits)) < 1e-6:
+            return f"{round(grey, digits):g}/255"
+    return f"{eps:.4g}"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AuditInfo(_Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Identifier of the audit; used in the run directory's path.",
+    )
+    title: str | None = Field(None, description="Human-readable title for the report.")
+    description: str = Field("", description="What is audited and why.")
+
+
+class ModelRef(_Section):
+    loader: str = Field(description="Name of a registered model loader (see `medaudit plugins`).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The loader's parameters.")
+
+
+class DataRef(_Section):
+    dataset: str = Field(description="Name of a registered dataset.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The dataset's parameters.")
+
+
+class AttackRef(_Section):
+    name: str = Field(description="Name of a registered attack.")
+    id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Label of this attack configuration (defaults to its name); needed when one attack is listed twice.",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="The attack's parameters.")
+
+    @property
+    def label(self) -> str:
+        return self.id or self.name
+
+
+class DefenseRef(_Section):
+    name: str = Field(description="Name of a registered defense.")
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.id or self.name
+
+
+class ThreatModel(_Section):
+    norm: Norm = Field(Norm.LINF, description="Norm bounding the perturbation.")
+    epsilons: list[Epsilon] = Field(
+        min_length=1,
+        description="Budgets in pixel units of [0, 1] images; '1/255' style strings are allowed.",
+    )
+
+    @field_validator("epsilons")
+    @classmethod
+    def _sorted_unique(cls, value: list[float]) -> list[float]:
+        return sorted(set(value))
+
+
+class Criterion(_Section):
+    id: str = Field(description="Identifier shown in the report and junit.xml, e.g. AC-01.")
+    description: str = ""
+    metric: str = Field(description="Name of a registered metric.")
+    attack: str = Field(WORST_CASE, description="An attack label, or 'worst_case' over all attacks.")
+    defense: str = Field(NO_DEFENSE, description="A defense label, or 'none' for the undefended model.")
+    epsilon: Epsilon | None = Field(None, description="Budget the criterion applies to (not needed for clean metrics).")
+    op: Literal[">=", ">", "<=", "<"]
+    threshold: float
+    statistic: Literal["auto", "point", "lower_bound", "upper_bound"] = Field(
+        "auto",
+        description="Which estimate is compared: 'auto' takes the confidence bound on the side that "
+        "protects the patient (lower bound for >=, upper bound for <=).",
+    )
+    min_n: int = Field(1, ge=1, description="Fewer evaluated cases than this gives INCONCLUSIVE.")
+    severity: Literal["blocking", "advisory"] = "blocking"
+    risk_ref: str | None = Field(None, description="Reference into the manufacturer's risk file.")
+
+
+class Acceptance(_Section):
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
+    criteria: list[Criterion] = Field(default_factory=list)
+
+
+class ReportOptions(_Section):
+    title: str | None = None
+    formats: list[Literal["html", "json"]] = Field(default_factory=lambda: ["html", "json"])
+
+
+class Runtime(_Section):
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto picks CUDA when present.")
+    batch_size: int = Field(64, ge=1, le=65536)
+    seed: int = Field(0, ge=0, description="Seeds every random choice together with each job's id.")
+    output_dir: Path = Field(Path("runs"), description="Run directories go under <output_dir>/<audit name>/.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+
+
+DEFAULT_METRICS = [
+    "clean_accuracy",
+    "robust_accuracy",
+    "attack_success_rate",
+    "perturbation_linf_mean",
+    "perturbation_linf_max",
+    "perturbation_l2_mean",
+    "perturbation_l2_max",
+]
+
+
+class Spec(_Section):
+    """A whole audit."""
+
+    audit: AuditInfo
+    task: Task = Task.CLASSIFICATION
+    model: ModelRef
+    data: DataRef
+    threat_model: ThreatModel
+    attacks: list[AttackRef] = Field(min_length=1)
+    defenses: list[DefenseRef] = Field(default_factory=list)
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
+    acceptance: Acceptance = Field(default_factory=Acceptance)
+    report: ReportOptions = Field(default_factory=ReportOptions)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "Spec":
+        for section, refs in (("attacks", self.attacks), ("defenses", self.defenses)):
+            seen: set[str] = set()
+            for ref in refs:
+                if ref.label in seen:
+                    raise ValueError(f"{section}: {ref.label!r} is listed twice; give one an 'id'")
+                seen.add(ref.label)
+        if any(ref.label == NO_DEFENSE for ref in self.defenses):
+            raise ValueError(f"defenses: {NO_DEFENSE!r} is reserved for the undefended model")
+        if any(ref.label == WORST_CASE for ref in self.attacks):
+            raise ValueError(f"attacks: {WORST_CASE!r} is reserved")
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the resolved spec, ignoring where results are written."""
+        data = self.model_dump(mode="json")
+        data["runtime"].pop("output_dir", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def title(self) -> str:
+        return self.report.title or self.audit.title or self.audit.name
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path, host: Host) -> Spec:
+    """Read, validate and resolve a spec file; raise :class:`SpecError` listing every problem."""
+    path = Path(path)
+    source = read_yaml(path)
+    return validate_source(source, host, base_dir=path.resolve().parent)
+
+
+def load_spec_text(text: str, host: Host, base_dir: Path, name: str = "spec") -> Spec:
+    return validate_source(parse_yaml(text, name), host, base_dir=base_dir)
+
+
+def validate_source(source: Source, host: Host, base_dir: Path) -> Spec:
+    problems: list[str] = []
+    if not isinstance(source.data, dict):
+        raise SpecError([f"{source.where(())}: the spec must be a mapping of sections"], source=source.name)
+    resolved = copy.deepcopy(source.data)
+    _check_components(source, resolved, host, base_dir, problems)
+
+    spec = None
+    try:
+        spec = Spec.model_validate(resolved)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: {_message(err)}")
+    if spec is not None:
+        _check_references(source, spec, host, problems)
+    if problems:
+        raise SpecError(problems, source=source.name)
+    assert spec is not None
+    return spec
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def _check_components(source: Source, data: dict, host: Host, base_dir: Path, problems: list[str]) -> None:
+    """Validate each component reference in place; replace params by their resolved values."""
+    task = data.get("task", Task.CLASSIFICATION.value)
+    norm = (data.get("threat_model") or {}).get("norm", Norm.LINF.value) if isinstance(data.get("threat_model"), dict) else None
+
+    def check(kind: str, ref: Any, loc: Loc, name_key: str) -> None:
+        if not isinstance(ref, dict) or not isinstance(ref.get(name_key), str):
+            return  # structural errors are reported by the pydantic pass
+        name = ref[name_key]
+        try:
+            cls = host.get(kind, name)
+        except KeyError as exc:
+            problems.append(f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: {exc.args[0]}")
+            return
+        params = ref.get("params", {}) or {}
+        if not isinstance(params, dict):
+            return
+        try:
+            validated = cls.Params.model_validate(params, context={"base_dir": base_dir})
+        except ValidationError as exc:
+            for err in exc.errors():
+                full = loc + ("params",) + tuple(err["loc"])
+                problems.append(f"{source.where(full)}: {format_loc(full)}: {_message(err)}")
+            return
+        ref["params"] = validated.model_dump(mode="json", exclude_none=False)
+        if task in {t.value for t in Task} and Task(task) not in cls.tasks:
+            problems.append(
+                f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: {kind} {name!r} does not "
+                f"support task {task!r} (it supports {', '.join(sorted(t.value for t in cls.tasks))})"
+            )
+        if kind == "attack" and norm in {n.value for n in Norm} and Norm(norm) not in cls.norms:
+            problems.append(
+                f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: attack {name!r} does not "
+                f"bound the {norm} norm of threat_model (it supports {', '.join(sorted(n.value for n in cls.norms))})"
+            )
+
+    check("model", data.get("model"), ("model",), "loader")
+    check("dataset", data.get("data"), ("data",), "dataset")
+    for section, kind in (("attacks", "attack"), ("defenses", "defense")):
+        refs = data.get(section)
+        if isinstance(refs, list):
+            for i, ref in enumerate(refs):
+                check(kind, ref, (section, i), "name")
+
+
+def _check_references(source: Source, spec: Spec, host: Host, problems: list[str]) -> None:
+    """Names that refer to other parts of the spec or to registered metrics."""
+    for i, name in enumerate(spec.metrics):
+        if name not in host.components["metric"]:
+            loc = ("metrics", i)
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: {unknown_name_message('metric', name, host.components['metric'])}")
+    attack_labels = [a.label for a in spec.attacks]
+    defense_labels = [NO_DEFENSE] + [d.label for d in spec.defenses]
+    for i, crit in enumerate(spec.acceptance.criteria):
+        loc = ("acceptance", "criteria", i)
+        metric_cls = host.components["metric"].get(crit.metric)
+        if metric_cls is None:
+            problems.append(f"{source.where(loc + ('metric',))}: {format_loc(loc + ('metric',))}: {unknown_name_message('metric', crit.metric, host.components['metric'])}")
+        elif crit.metric not in spec.metrics:
+            problems.append(f"{source.where(loc + ('metric',))}: {format_loc(loc + ('metric',))}: metric {crit.metric!r} is not in the spec's 'metrics' list")
+        if crit.attack not in attack_labels + [WORST_CASE]:
+            problems.append(f"{source.where(loc + ('attack',))}: {format_loc(loc + ('attack',))}: {unknown_name_message('attack', crit.attack, attack_labels + [WORST_CASE])}")
+        if crit.defense not in defense_labels:
+            problems.append(f"{source.where(loc + ('defense',))}: {format_loc(loc + ('defense',))}: {unknown_name_message('defense', crit.defense, defense_labels)}")
+        needs_eps = metric_cls is not None and not metric_cls.clean
+        if needs_eps and crit.epsilon is None:
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {crit.metric!r} needs an 'epsilon'")
+        if crit.epsilon is not None and not any(abs(crit.epsilon - e) < 1e-12 for e in spec.threat_model.epsilons):
+            problems.append(
+                f"{source.where(loc + ('epsilon',))}: {format_loc(loc + ('epsilon',))}: epsilon {epsilon_label(crit.epsilon)} "
+                f"is not in threat_model.epsilons ({', '.join(epsilon_label(e) for e in spec.threat_model.epsilons)})"
+            )
+    ids = [c.id for c in spec.acceptance.criteria]
+    for i, cid in enumerate(ids):
+        if cid in ids[:i]:
+            loc = ("acceptance", "criteria", i, "id")
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: criterion id {cid!r} is used twice")
+
+
+def spec_json_schema(host: Host) -> dict:
+    """JSON Schema of the spec with every registered component's params (for editors)."""
+    from pydantic import create_model
+
+    def union(kind: str, name_key: str, extra: dict) -> Any:
+        variants = []
+        for name, cls in sorted(host.components[kind].items()):
+            fields = {name_key: (Literal[name], ...), "params": (cls.Params, None), **extra}
+            variants.append(create_model(f"{kind}_{name}".replace("-", "_"), __config__=ConfigDict(extra="forbid"), **fields))
+        if not variants:
+            return dict[str, Any]
+        return Annotated[__import__("typing").Union[tuple(variants)], Field(discriminator=name_key)]
+
+    label = {"id": (str | None, None)}
+    schema_model = create_model(
+        "MedauditSpec",
+        __base__=Spec,
+        model=(union("model", "loader", {}), ...),
+        data=(union("dataset", "dataset", {}), ...),
+        attacks=(list[union("attack", "name", label)], Field(min_length=1)),
+        defenses=(list[union("defense", "name", label)], []),
+        metrics=(list[Literal[tuple(sorted(host.components["metric"]))]], DEFAULT_METRICS),  # type: ignore[misc]
+    )
+    schema = schema_model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "medaudit audit spec"
+    return schema

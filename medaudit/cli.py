@@ -1,0 +1,177 @@
+"""The ``medaudit`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import traceback
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from medaudit import __version__
+from medaudit.core.errors import ExitCode, MedauditError
+
+STARTER_SPEC = Path(__file__).parent / "audits" / "starter.yaml"
+
+
+def _host():
+    from medaudit.core.host import get_host
+
+    host = get_host()
+    for failed in host.failed:
+        click.secho(f"warning: plugin {failed.name!r} ({failed.distribution}) failed to load and was skipped: {failed.error}", fg="yellow", err=True)
+    return host
+
+
+def handle_errors(func):
+    """One line for user errors (exit code per error), a traceback only for bugs (exit 3)."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MedauditError as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            sys.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            click.secho("Interrupted.", fg="red", err=True)
+            sys.exit(int(ExitCode.INTERRUPTED))
+        except click.exceptions.Exit:
+            raise
+        except Exception:
+            traceback.print_exc()
+            click.secho("Internal error: this is a bug in medaudit or a plugin (traceback above).", fg="red", err=True)
+            sys.exit(int(ExitCode.INTERNAL_ERROR))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="medaudit")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Audit the adversarial robustness of medical image models.
+
+    Exit codes of `run`: 0 PASS, 1 FAIL, 2 interrupted (resumable), 3 internal error,
+    4 bad spec or input, 5 nothing to evaluate (no criteria or no cases), 6 INCONCLUSIVE,
+    7 INVALID (a gating validity check failed).
+    """
+    from rich.logging import RichHandler
+
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False, show_time=False)])
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Finish an interrupted run in this run directory.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Override runtime.output_dir.")
+@click.option("--device", help="Override runtime.device (auto, cpu, cuda, cuda:N).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@handle_errors
+def run(spec_path: Path, resume_dir: Path | None, output_dir: Path | None, device: str | None, quiet: bool) -> None:
+    """Run the audit described by SPEC and write its report."""
+    from medaudit.audits.runner import Runner
+    from medaudit.audits.spec import load_spec
+    from medaudit.core.environment import require_torchvision
+
+    require_torchvision()
+    host = _host()
+    spec = load_spec(spec_path, host)
+    overrides = {k: v for k, v in {"output_dir": output_dir, "device": device}.items() if v is not None}
+    if overrides:
+        spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=overrides)})
+    command = shlex.join(["medaudit", *sys.argv[1:]])
+    outcome = Runner(spec, host, show_progress=not quiet, command=command).run(resume_dir)
+    results = outcome.results
+    for c in results["acceptance"]["criteria"]:
+        click.echo(f"  {c['id']}: {c['verdict']}  ({c['metric']} {c['statistic'].replace('_', ' ')} {c['op']} {c['threshold']})")
+    colour = {"PASS": "green", "FAIL": "red"}.get(results["verdict"], "yellow")
+    click.secho(f"verdict: {results['verdict']} (exit code {outcome.exit_code})", fg=colour, bold=True)
+    report = outcome.run_dir / "report.html"
+    click.echo(f"report: {report if report.exists() else outcome.run_dir / 'results.json'}")
+    sys.exit(outcome.exit_code)
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@handle_errors
+def validate(spec_path: Path) -> None:
+    """Check SPEC (structure and every plugin's params) without running anything."""
+    from medaudit.audits.plan import plan_jobs
+    from medaudit.audits.spec import load_spec
+
+    spec = load_spec(spec_path, _host())
+    click.echo(f"{spec_path}: valid; {len(plan_jobs(spec))} jobs planned")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of components (for scripts and CI).")
+@handle_errors
+def plugins(as_json: bool) -> None:
+    """List plugins and the components they provide, with their params."""
+    from medaudit.core.components import component_info
+
+    host = _host()
+    rows = []
+    for kind, table in host.components.items():
+        for name, cls in sorted(table.items()):
+            info = host.plugin_of(cls)
+            rows.append({
+                "kind": kind, **component_info(cls), "plugin": cls.plugin,
+                "distribution": info.distribution if info else None, "version": info.version if info else None,
+            })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for kind in host.components:
+        click.secho(f"{kind}s:", bold=True)
+        for row in (r for r in rows if r["kind"] == kind):
+            params = ", ".join(row["params"].get("properties", {})) or "no params"
+            click.echo(f"  {row['name']:<24} {row['summary']}")
+            click.echo(f"  {'':<24} params: {params}; from {row['distribution'] or row['plugin']} {row['version'] or ''}")
+    for failed in host.failed:
+        click.echo(f"failed to load: {failed.name} ({failed.distribution}): {failed.error}")
+
+
+@cli.command()
+@handle_errors
+def schema() -> None:
+    """Print the JSON Schema of audit specs, with every registered plugin's params."""
+    from medaudit.audits.spec import spec_json_schema
+
+    click.echo(json.dumps(spec_json_schema(_host()), indent=2))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path), default="audit.yaml")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@handle_errors
+def init(path: Path, force: bool) -> None:
+    """Write a commented starter spec to PATH (default audit.yaml)."""
+    if path.exists() and not force:
+        raise MedauditError(f"{path} exists; use --force to overwrite it")
+    path.write_text(STARTER_SPEC.read_text(encoding="utf-8"), encoding="utf-8")
+    click.echo(f"wrote {path}; check it with: medaudit validate {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@handle_errors
+def report(run_dir: Path) -> None:
+    """Re-render RUN_DIR/report.html from its results.json, without rerunning."""
+    from medaudit.reports.html import write_report
+
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise MedauditError(f"{run_dir}: no results.json (the run did not finish; resume it with medaudit run SPEC --resume {run_dir})")
+    path = write_report(json.loads(results_path.read_text(encoding="utf-8")), run_dir, _host())
+    click.echo(f"report: {path}")
+
+
+def main() -> None:
+    cli()

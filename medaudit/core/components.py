@@ -1,0 +1,267 @@
+"""Base classes of everything a plugin can provide.
+
+A component is a class with a ``name``, the tasks and dimensionalities it supports, a
+pydantic ``Params`` model (closed: unknown keys are errors) and one method that does the
+work. Plugins hand the classes (not instances) to ``register`` in the hooks of
+:mod:`medaudit.core.hookspecs`; the runner instantiates them with validated params.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+
+if TYPE_CHECKING:
+    import jinja2
+    import torch
+
+
+class Task(str, enum.Enum):
+    CLASSIFICATION = "classification"
+    SEGMENTATION = "segmentation"
+
+
+class Norm(str, enum.Enum):
+    LINF = "linf"
+    L2 = "l2"
+    L1 = "l1"
+    L0 = "l0"
+
+
+class Access(str, enum.Enum):
+    """What an attack needs from the model, from most to least access."""
+
+    GRADIENTS = "gradients"  #: white box: input gradients
+    SCORES = "scores"  #: logits or probabilities, no gradients
+    DECISIONS = "decisions"  #: the predicted label only
+
+
+class Params(BaseModel):
+    """Parameters of a component: closed, documented, validated before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def resolve_path(value: Any, info: ValidationInfo) -> Path:
+    """Resolve a path relative to the spec file's folder (passed as validation context)."""
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+class Component(abc.ABC):
+    """Shared shape of all components."""
+
+    #: Name used in specs; unique within its kind across all plugins.
+    name: ClassVar[str]
+    #: Tasks the component supports.
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.CLASSIFICATION})
+    #: Spatial dimensionalities supported (2 for images, 3 for volumes).
+    dims: ClassVar[frozenset[int]] = frozenset({2})
+    #: Parameters; subclass :class:`Params` and set this.
+    Params: ClassVar[type[Params]] = Params
+
+    #: Filled in by the registry: the plugin (and its distribution) that provided it.
+    plugin: ClassVar[str] = ""
+
+    def __init__(self, params: Params | None = None):
+        self.params = params if params is not None else self.Params()
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the docstring: what ``medaudit plugins`` shows."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to audit.
+
+    ``module`` maps pixel-space input in [0, 1] (``N x C x H x W``) to logits; any
+    normalisation lives inside it so that attacks differentiate through it. It is in eval
+    mode with frozen parameters.
+    """
+
+    module: "torch.nn.Module"
+    task: Task
+    num_classes: int
+    in_channels: int
+    #: What the model gives an attacker (an ONNX model gives scores only).
+    access: frozenset[Access]
+    #: sha256 of the weights (the checkpoint file, or the state dict when built in memory).
+    fingerprint: str
+    description: str = ""
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class ModelLoader(Component):
+    """Builds a :class:`LoadedModel` from its params (checkpoint path, architecture...)."""
+
+    @abc.abstractmethod
+    def load(self, task: Task) -> LoadedModel:
+        ...
+
+
+# -- data -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadedData:
+    """An evaluation set in memory: pixel-space images, labels, pseudonymous case ids.
+
+    ``images`` is ``N x C x H x W`` (or ``N x C x D x H x W``) float32 in [0, 1].
+    ``masks`` (segmentation) is ``N x H x W`` integer class maps or None.
+    """
+
+    images: "torch.Tensor"
+    labels: "torch.Tensor"
+    case_ids: list[str]
+    class_names: list[str]
+    fingerprint: str
+    masks: "torch.Tensor | None" = None
+    mask_class_names: list[str] | None = None
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+
+class Dataset(Component):
+    """Reads or generates the evaluation data."""
+
+    @abc.abstractmethod
+    def load(self) -> LoadedData:
+        ...
+
+
+# -- attacks --------------------------------------------------------------------------
+
+
+class Attack(Component):
+    """An evasion attack in pixel space.
+
+    Subclasses implement :meth:`perturb` in native torch, batched, on the model's device:
+    no numpy and no per-step ``.item()`` in the loop.
+    """
+
+    #: Norms under which the attack bounds its perturbation.
+    norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF})
+    #: True when the attack steers towards a target instead of away from the label.
+    targeted: ClassVar[bool] = False
+    #: What the attack needs from the model.
+    needs: ClassVar[Access] = Access.GRADIENTS
+
+    @abc.abstractmethod
+    def perturb(
+        self,
+        model: "torch.nn.Module",
+        x: "torch.Tensor",
+        y: "torch.Tensor",
+        *,
+        eps: float,
+        norm: Norm,
+        generator: "torch.Generator",
+    ) -> "torch.Tensor":
+        """Return adversarial inputs with ``||x_adv - x|| <= eps`` and values in [0, 1]."""
+        ...
+
+
+# -- defenses -------------------------------------------------------------------------
+
+
+class Defense(Component):
+    """Wraps the audited model (input transform, detector, retrained weights...)."""
+
+    @abc.abstractmethod
+    def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
+        """Return the defended model; attacks then run against the returned module."""
+        ...
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricValue:
+    """A metric's estimate; ``successes``/``n`` are set for proportions (for intervals)."""
+
+    value: float
+    n: int
+    successes: int | None = None
+
+
+class Metric(Component):
+    """Computes one number from the per-sample records of one (defense, attack, eps) group.
+
+    Records are dicts with at least ``label``, ``clean_pred``, ``adv_pred``,
+    ``clean_correct``, ``adv_correct``, ``linf`` and ``l2`` (see ``medaudit.audits.records``).
+    """
+
+    #: 'higher' or 'lower': which direction is better (used for worst cases and plots).
+    better: ClassVar[str] = "higher"
+    #: Whether the metric describes clean performance (computed once per defense).
+    clean: ClassVar[bool] = False
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.CLASSIFICATION})
+
+    @abc.abstractmethod
+    def compute(self, records: Sequence[dict]) -> MetricValue | None:
+        ...
+
+
+# -- report sections ------------------------------------------------------------------
+
+
+class ReportSection(Component):
+    """A section of report.html, rendered from results.json only (so re-rendering works).
+
+    The default :meth:`render` renders ``template`` (a jinja2 template name, found in the
+    report's template folders plus ``template_dir``) with ``results`` and ``section``.
+    """
+
+    #: Position in the report; lower comes first.
+    order: ClassVar[int] = 100
+    #: Heading shown in the report and its table of contents.
+    title: ClassVar[str] = ""
+    template: ClassVar[str] = ""
+    #: Extra folder holding this section's template (for vendor plugins).
+    template_dir: ClassVar[Path | None] = None
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
+
+    def render(self, results: dict, env: "jinja2.Environment") -> str:
+        return env.get_template(self.template).render(results=results, section=self)
+
+
+#: The kinds of component, their base class and the registration hook that provides them.
+KINDS: dict[str, tuple[type[Component], str]] = {
+    "model": (ModelLoader, "register_models"),
+    "dataset": (Dataset, "register_datasets"),
+    "attack": (Attack, "register_attacks"),
+    "defense": (Defense, "register_defenses"),
+    "metric": (Metric, "register_metrics"),
+    "report_section": (ReportSection, "register_report_sections"),
+}
+
+
+def component_info(cls: type[Component]) -> dict[str, Any]:
+    """A JSON-able description of a component class (for ``medaudit plugins``)."""
+    info: dict[str, Any] = {
+        "name": cls.name,
+        "summary": cls.summary(),
+        "tasks": sorted(t.value for t in cls.tasks),
+        "dims": sorted(cls.dims),
+        "params": cls.Params.model_json_schema(),
+    }
+    if issubclass(cls, Attack):
+        info.update(norms=sorted(n.value for n in cls.norms), targeted=cls.targeted, needs=cls.needs.value)
+    return info

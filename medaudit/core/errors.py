@@ -1,0 +1,59 @@
+"""Errors a user can fix, and the process exit codes they map to.
+
+Plugins raise these (never bare ``Exception``) for problems the user can act on; the CLI
+prints them as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of ``medaudit run``, modelled on pytest's public set."""
+
+    PASS = 0  #: every blocking acceptance criterion held
+    FAIL = 1  #: the audit ran and a blocking criterion failed
+    INTERRUPTED = 2  #: stopped (Ctrl-C); the run directory is resumable
+    INTERNAL_ERROR = 3  #: a bug or an unrecoverable fault (out of memory, disk full)
+    USAGE_ERROR = 4  #: bad spec, bad input file, missing checkpoint: nothing was evaluated
+    NO_DATA = 5  #: nothing to evaluate (no criteria, or zero cases)
+    INCONCLUSIVE = 6  #: a blocking criterion could not be decided (too few cases)
+    INVALID = 7  #: a gating validity check failed: the numbers cannot support a claim
+
+
+class MedauditError(Exception):
+    """Base class of every error shown to the user as a single line."""
+
+    exit_code = ExitCode.USAGE_ERROR
+
+
+class SpecError(MedauditError):
+    """The audit spec is malformed; ``problems`` holds one line per error."""
+
+    def __init__(self, problems: list[str], source: str = "spec"):
+        self.problems = list(problems)
+        self.source = source
+        n = len(self.problems)
+        head = f"{source}: {n} error{'s' if n != 1 else ''}"
+        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+class PluginError(MedauditError):
+    """A plugin is broken or two plugins clash; raised at start-up."""
+
+
+class ModelLoadError(MedauditError):
+    """A model could not be built or its weights do not fit."""
+
+
+class DataError(MedauditError):
+    """A dataset could not be read or does not fit the model."""
+
+
+class ResumeError(MedauditError):
+    """A run directory cannot be resumed with this spec."""
+
+
+class EnvironmentProblem(MedauditError):
+    """The Python environment is broken (for example torch and torchvision do not match)."""

@@ -1,0 +1,92 @@
+"""Built-in classification metrics computed from per-sample records.
+
+Proportions carry their counts so that the results can give Wilson confidence intervals.
+"""
+
+from __future__ import annotations
+
+from medaudit import hookimpl
+from medaudit.core.components import Metric, MetricValue
+
+
+def _proportion(flags: list[bool]) -> MetricValue | None:
+    if not flags:
+        return None
+    k = sum(flags)
+    return MetricValue(value=k / len(flags), n=len(flags), successes=k)
+
+
+class CleanAccuracy(Metric):
+    """Accuracy on unperturbed inputs."""
+
+    name = "clean_accuracy"
+    clean = True
+
+    def compute(self, records):
+        return _proportion([r["clean_correct"] for r in records])
+
+
+class RobustAccuracy(Metric):
+    """Accuracy under attack: a sample counts only if it is classified correctly after the
+    attack (samples misclassified when clean count as errors). For ``worst_case`` a sample
+    must survive every attack at that epsilon."""
+
+    name = "robust_accuracy"
+
+    def compute(self, records):
+        return _proportion([r["adv_correct"] for r in records])
+
+
+class AttackSuccessRate(Metric):
+    """Fraction of the correctly classified clean samples whose prediction the attack flips."""
+
+    name = "attack_success_rate"
+    better = "lower"
+
+    def compute(self, records):
+        return _proportion([not r["adv_correct"] for r in records if r["clean_correct"]])
+
+
+class _NormStat(Metric):
+    """Perturbation size over the samples the attack ran on (correct when clean)."""
+
+    better = "lower"
+    field = ""
+    reduce = "mean"
+
+    def compute(self, records):
+        values = [r[self.field] for r in records if r["attacked"]]
+        if not values:
+            return None
+        value = max(values) if self.reduce == "max" else sum(values) / len(values)
+        return MetricValue(value=value, n=len(values))
+
+
+class LinfMean(_NormStat):
+    """Mean L-inf norm of the perturbations, in [0, 1] pixel units."""
+
+    name, field, reduce = "perturbation_linf_mean", "linf", "mean"
+
+
+class LinfMax(_NormStat):
+    """Largest L-inf norm of any perturbation, in [0, 1] pixel units."""
+
+    name, field, reduce = "perturbation_linf_max", "linf", "max"
+
+
+class L2Mean(_NormStat):
+    """Mean L2 norm of the perturbations, in [0, 1] pixel units."""
+
+    name, field, reduce = "perturbation_l2_mean", "l2", "mean"
+
+
+class L2Max(_NormStat):
+    """Largest L2 norm of any perturbation, in [0, 1] pixel units."""
+
+    name, field, reduce = "perturbation_l2_max", "l2", "max"
+
+
+@hookimpl
+def register_metrics(register):
+    for cls in (CleanAccuracy, RobustAccuracy, AttackSuccessRate, LinfMean, LinfMax, L2Mean, L2Max):
+        register(cls)

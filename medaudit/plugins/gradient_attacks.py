@@ -1,0 +1,142 @@
+"""Built-in white-box gradient attacks: ``fgsm`` and ``pgd`` (L-inf and L2).
+
+Native torch, batched, on the model's device for the whole loop: no numpy and no
+per-step host synchronisation. Gradients are taken w.r.t. the input only (the runner
+freezes the model's parameters). Images are in [0, 1]; epsilon is in that unit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from medaudit import hookimpl
+from medaudit.core.components import Attack, Norm, Params
+
+
+def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each sample, shaped to broadcast against ``t``."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, step: float, norm: Norm) -> torch.Tensor:
+    """One steepest-ascent step of size ``step`` under ``norm``."""
+    if norm is Norm.LINF:
+        return x_adv + step * grad.sign()
+    return x_adv + step * grad / _per_sample_l2(grad)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
+    """Project onto the eps-ball around ``x`` intersected with the valid range [0, 1]."""
+    delta = x_adv - x
+    if norm is Norm.LINF:
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _per_sample_l2(delta)).clamp(max=1.0)
+    # Clipping to [0, 1] moves each coordinate towards x, so it never leaves the ball.
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator) -> torch.Tensor:
+    """A random point of the eps-ball (uniform per coordinate for L-inf; random direction
+    and radius for L2), clipped to [0, 1]."""
+    if norm is Norm.LINF:
+        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        noise = direction / _per_sample_l2(direction) * radius * eps
+    return (x + noise).clamp(0.0, 1.0)
+
+
+def input_gradient(model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the gradient of the summed cross-entropy w.r.t. the input."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x_adv)
+    return logits.detach(), grad
+
+
+class FGSMParams(Params):
+    pass
+
+
+class FGSM(Attack):
+    """Fast Gradient Sign Method: one step of size eps along the loss gradient's sign.
+
+    Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples",
+    ICLR 2015, https://arxiv.org/abs/1412.6572. Untargeted, white box (gradients).
+    L-inf: ``x + eps * sign(grad)``; L2 (the fast gradient method): ``x + eps * grad / ||grad||``.
+    Works on any input shape (2D images and 3D volumes). No parameters.
+    """
+
+    name = "fgsm"
+    norms = frozenset({Norm.LINF, Norm.L2})
+    dims = frozenset({2, 3})
+    Params = FGSMParams
+
+    def perturb(self, model, x, y, *, eps, norm, generator):
+        if eps == 0:
+            return x.clone()
+        _, grad = input_gradient(model, x, y)
+        return project(ascent_step(x, grad, eps, norm), x, eps, norm)
+
+
+class PGDParams(Params):
+    steps: int = Field(10, ge=1, le=10_000, description="Gradient steps per restart.")
+    step_size: float | None = Field(
+        None, gt=0, description="Step size in pixel units; default 2.5 * eps / steps (Madry et al.)."
+    )
+    random_start: bool = Field(True, description="Start from a random point of the eps-ball.")
+    restarts: int = Field(1, ge=1, le=100, description="Independent restarts; each sample keeps its worst case.")
+
+
+class PGD(Attack):
+    """Projected Gradient Descent on the cross-entropy loss, with random start and restarts.
+
+    Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks",
+    ICLR 2018, https://arxiv.org/abs/1706.06083. Untargeted, white box (gradients),
+    L-inf (sign steps) or L2 (normalised-gradient steps). Defaults: 10 steps of
+    2.5 * eps / 10, one random start. Every iterate is checked: a sample keeps the first
+    iterate that fools the model, in any restart (so more restarts never weaken it).
+    Works on any input shape (2D images and 3D volumes).
+    """
+
+    name = "pgd"
+    norms = frozenset({Norm.LINF, Norm.L2})
+    dims = frozenset({2, 3})
+    Params = PGDParams
+
+    def perturb(self, model, x, y, *, eps, norm, generator):
+        p: PGDParams = self.params
+        if eps == 0:
+            return x.clone()
+        step = p.step_size if p.step_size is not None else 2.5 * eps / p.steps
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        best = x.clone()
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for restart in range(p.restarts):
+            x_adv = random_start(x, eps, norm, generator) if p.random_start else x.clone()
+            for _ in range(p.steps):
+                logits, grad = input_gradient(model, x_adv, y)
+                newly = (logits.argmax(1) != y) & ~fooled
+                best = torch.where(newly.view(shape), x_adv, best)
+                fooled |= newly
+                x_adv = project(ascent_step(x_adv, grad, step, norm), x, eps, norm)
+            if restart < p.restarts - 1:
+                # The last iterate is judged here only when another restart could replace it.
+                with torch.no_grad():
+                    newly = (model(x_adv).argmax(1) != y) & ~fooled
+                best = torch.where(newly.view(shape), x_adv, best)
+                fooled |= newly
+            else:
+                best = torch.where(fooled.view(shape), best, x_adv)
+        return best.detach()
+
+
+@hookimpl
+def register_attacks(register):
+    register(FGSM)
+    register(PGD)

@@ -1,0 +1,117 @@
+"""Built-in dataset ``phantom``: synthetic CT-like chest slices (no download, no patients).
+
+Each image is an axial-slice caricature: an elliptical body of soft tissue, two dark
+lungs, a bright vertebra and, in a fraction of cases, a small nodule in one lung. The
+classification label says whether the nodule is present; the mask labels every
+structure. Images are fully determined by the params (same seed, same images on every
+machine), so audits on them are reproducible end to end. The data is synthetic: it
+exercises the tool and teaches its use; it says nothing about any clinical model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from pydantic import Field
+
+from medaudit import hookimpl
+from medaudit.core.components import Dataset, LoadedData, Params, Task
+
+CLASS_NAMES = ["normal", "nodule"]
+MASK_CLASSES = ["background", "body", "lung", "bone", "nodule"]
+
+
+class PhantomParams(Params):
+    n: int = Field(128, ge=1, le=100_000, description="Number of slices.")
+    size: int = Field(64, ge=16, le=1024, description="Height and width in pixels.")
+    seed: int = Field(0, ge=0, description="Seed of the generator; different seeds give disjoint sets.")
+    nodule_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of slices with a nodule.")
+    nodule_contrast: float = Field(0.25, gt=0.0, le=0.8, description="Nodule intensity above lung, in [0, 1] units.")
+    noise: float = Field(0.03, ge=0.0, le=0.5, description="Std of additive Gaussian noise.")
+
+
+def _ellipse(xx, yy, cx, cy, ax, ay, sharp):
+    """Soft ellipse membership in [0, 1] (sigmoid edge), broadcast over a batch."""
+    r = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2
+    return torch.sigmoid((1.0 - r) * sharp)
+
+
+def make_phantoms(p: PhantomParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return images ``N x 1 x S x S`` in [0, 1], labels ``N``, masks ``N x S x S``."""
+    g = torch.Generator().manual_seed(p.seed)
+    n, s = p.n, p.size
+
+    def u(lo, hi):
+        return (lo + (hi - lo) * torch.rand(n, 1, 1, generator=g))
+
+    coords = torch.linspace(-1.0, 1.0, s)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    sharp = 0.6 * s  # edge width of about one pixel whatever the size
+
+    body_cx, body_cy = u(-0.05, 0.05), u(-0.05, 0.05)
+    body_ax, body_ay = u(0.75, 0.92), u(0.55, 0.72)
+    body = _ellipse(xx, yy, body_cx, body_cy, body_ax, body_ay, sharp)
+
+    lung_ax, lung_ay = body_ax * u(0.28, 0.34), body_ay * u(0.55, 0.7)
+    lung_dx = body_ax * u(0.4, 0.48)
+    lung_cy = body_cy - body_ay * u(0.05, 0.15)
+    left = _ellipse(xx, yy, body_cx - lung_dx, lung_cy, lung_ax, lung_ay, sharp)
+    right = _ellipse(xx, yy, body_cx + lung_dx, lung_cy, lung_ax, lung_ay, sharp)
+    lungs = torch.clamp(left + right, max=1.0)
+
+    spine_r = u(0.07, 0.1)
+    spine = _ellipse(xx, yy, body_cx, body_cy + body_ay * 0.72, spine_r, spine_r, sharp)
+
+    has_nodule = torch.rand(n, generator=g) < p.nodule_fraction
+    side = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, -1.0, 1.0)
+    nod_cx = body_cx + side * lung_dx + lung_ax * u(-0.45, 0.45)
+    nod_cy = lung_cy + lung_ay * u(-0.55, 0.55)
+    nod_r = u(0.05, 0.09).clamp_min(3.0 / s)  # at least 1.5 px in radius at any size
+    nodule = _ellipse(xx, yy, nod_cx, nod_cy, nod_r, nod_r, sharp) * lungs * has_nodule.view(n, 1, 1)
+
+    tissue = u(0.42, 0.5)
+    image = body * tissue
+    image = image + lungs * (u(0.06, 0.12) - tissue)
+    image = image + nodule * p.nodule_contrast
+    image = image + spine * (u(0.85, 0.95) - image)
+    image = image + p.noise * torch.randn(n, s, s, generator=g)
+    image = image.clamp(0.0, 1.0).unsqueeze(1).contiguous()
+
+    mask = torch.zeros(n, s, s, dtype=torch.long)
+    mask[body > 0.5] = 1
+    mask[lungs > 0.5] = 2
+    mask[spine > 0.5] = 3
+    mask[nodule > 0.5] = 4
+    return image, has_nodule.long(), mask
+
+
+class Phantom(Dataset):
+    """Synthetic CT-like chest slices with an optional lung nodule (label) and structure masks."""
+
+    name = "phantom"
+    tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
+    Params = PhantomParams
+
+    def load(self) -> LoadedData:
+        p: PhantomParams = self.params
+        images, labels, masks = make_phantoms(p)
+        case_ids = [f"phantom-{p.seed}-{i:05d}" for i in range(p.n)]
+        digest = hashlib.sha256(json.dumps(p.model_dump(), sort_keys=True).encode())
+        digest.update(images.numpy().tobytes())
+        return LoadedData(
+            images=images,
+            labels=labels,
+            case_ids=case_ids,
+            class_names=CLASS_NAMES,
+            fingerprint=digest.hexdigest(),
+            masks=masks,
+            mask_class_names=MASK_CLASSES,
+            description=f"phantom: {p.n} synthetic {p.size}x{p.size} CT-like slices (seed {p.seed}); synthetic, no patient data",
+        )
+
+
+@hookimpl
+def register_datasets(register):
+    register(Phantom)

@@ -1,0 +1,74 @@
+"""report.html: one self-contained file rendered from results.json alone.
+
+Autoescaping is on for every template; sections are plugins (``register_report_sections``)
+rendered in ``order``. No external requests: inline CSS, data-URI images only, and a
+Content-Security-Policy that forbids everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+import medaudit
+from medaudit.audits.rundir import write_atomic
+from medaudit.core.host import Host
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _pct(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.{digits}f}%"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def metric_text(value: dict | None) -> str:
+    """``87.5% [80.1%, 92.4%]`` for proportions, a plain number otherwise."""
+    if not value:
+        return "–"
+    if "ci_low" in value:
+        return f"{_pct(value['value'])} [{_pct(value['ci_low'])}, {_pct(value['ci_high'])}]"
+    return _num(value["value"])
+
+
+def make_environment(extra_dirs: list[Path] = ()) -> jinja2.Environment:
+    loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader([str(d) for d in extra_dirs]), jinja2.FileSystemLoader(str(TEMPLATES))])
+    env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=_pct, num=_num, metric=metric_text, tojson_pretty=lambda v: json.dumps(v, indent=2, default=str))
+    return env
+
+
+def render_report(results: dict, host: Host) -> str:
+    task = results["audit"]["task"]
+    section_classes = sorted(
+        (cls for cls in host.components["report_section"].values() if task in {t.value for t in cls.tasks}),
+        key=lambda cls: (cls.order, cls.name),
+    )
+    env = make_environment([cls.template_dir for cls in section_classes if cls.template_dir])
+    sections = []
+    for cls in section_classes:
+        html = cls().render(results, env)
+        if html and html.strip():
+            # Rendered through the autoescaping environment above, so it is already safe.
+            sections.append({"id": cls.name, "title": cls.title, "html": Markup(html)})
+    return env.get_template("report.html.j2").render(results=results, sections=sections, version=medaudit.__version__)
+
+
+def write_report(results: dict, run_dir: Path, host: Host) -> Path:
+    path = Path(run_dir) / "report.html"
+    write_atomic(path, render_report(results, host))
+    return path

@@ -1,0 +1,196 @@
+"""Running audits end to end: outputs, exit codes, validity gate, interrupt and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import medaudit
+from medaudit.audits.records import record_path
+from medaudit.audits.runner import Runner
+from medaudit.audits.spec import load_spec
+from medaudit.cli import cli
+from medaudit.core.components import Attack, Norm, Params
+from medaudit.core.errors import ExitCode, ResumeError
+from medaudit.core.host import get_host
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "demo.yaml"
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, ["run", *args, "-q"])
+
+
+def results_of(out: Path) -> dict:
+    [path] = list(out.rglob("results.json"))
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_example_audit_end_to_end(tmp_path):
+    result = run_cli(str(EXAMPLE), "--output-dir", str(tmp_path))
+    assert result.exit_code == ExitCode.PASS, result.output
+    [run_dir] = list((tmp_path / "demo-phantom").iterdir())
+    assert f"report: {run_dir / 'report.html'}" in result.output
+    for name in ("report.html", "results.json", "spec.resolved.yaml", "fingerprints.json", "environment.json"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["verdict"] == "PASS" and results["exit_code"] == 0
+    verdicts = {c["id"]: c["verdict"] for c in results["acceptance"]["criteria"]}
+    assert verdicts == {"AC-01": "PASS", "AC-02": "PASS", "AC-03": "FAIL"}  # AC-03 is advisory
+    assert len(list((run_dir / "records").glob("*.jsonl"))) == 1 + 2 * 5
+    html = (run_dir / "report.html").read_text()
+    for text in ("Nodule classifier on phantom CT slices", "AC-03", "worst case", "Content-Security-Policy", "sha256"):
+        assert text.lower() in html.lower(), text
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+
+
+def _rows(results: dict) -> dict:
+    return {(r["defense"], r["attack"], r["epsilon"]): r["metrics"] for r in results["rows"]}
+
+
+def test_results_follow_the_definitions(write_spec, tmp_path):
+    result = run_cli(str(write_spec()), "--output-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    results = results_of(tmp_path)
+    clean = results["clean"]["none"]["clean_accuracy"]
+    rows = _rows(results)
+    for attack in ("fgsm", "pgd", "worst_case"):
+        # eps = 0: robust accuracy is clean accuracy, nothing succeeds
+        assert rows[("none", attack, 0.0)]["robust_accuracy"]["value"] == clean["value"]
+        assert rows[("none", attack, 0.0)]["attack_success_rate"]["value"] == 0
+    for eps in (1 / 255, 4 / 255):
+        worst = rows[("none", "worst_case", eps)]["robust_accuracy"]["value"]
+        assert worst <= min(rows[("none", a, eps)]["robust_accuracy"]["value"] for a in ("fgsm", "pgd"))
+        assert rows[("none", "pgd", eps)]["perturbation_linf_max"]["value"] <= eps + 1e-6
+    ci = clean["ci_low"], clean["ci_high"]
+    assert ci[0] <= clean["value"] <= ci[1] and clean["n"] == 48
+
+
+@pytest.mark.parametrize(
+    "criterion,code",
+    [
+        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.5}", ExitCode.PASS),
+        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.999, statistic: point}", ExitCode.FAIL),
+        ("{id: A, metric: robust_accuracy, epsilon: 4/255, op: '>=', threshold: 0.9}", ExitCode.FAIL),
+        ("{id: A, metric: robust_accuracy, epsilon: 4/255, op: '>=', threshold: 0.9, severity: advisory}", ExitCode.PASS),
+        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.5, min_n: 1000}", ExitCode.INCONCLUSIVE),
+    ],
+)
+def test_exit_code_follows_acceptance(criterion, code, write_spec, tmp_path):
+    spec = write_spec(acceptance=f"acceptance:\n  criteria:\n    - {criterion}", attacks="attacks:\n  - name: fgsm")
+    result = run_cli(str(spec), "--output-dir", str(tmp_path))
+    assert result.exit_code == code, result.output
+    assert results_of(tmp_path)["exit_code"] == code
+
+
+def test_no_criteria_means_nothing_assessed(write_spec, tmp_path):
+    result = run_cli(str(write_spec(acceptance="", attacks="attacks:\n  - name: fgsm")), "--output-dir", str(tmp_path))
+    assert result.exit_code == ExitCode.NO_DATA
+    assert results_of(tmp_path)["verdict"] == "NOT ASSESSED"
+
+
+class OverBudget(Attack):
+    """Deliberately exceeds its budget, to exercise the validity gate."""
+
+    name = "over-budget"
+    norms = frozenset({Norm.LINF})
+    Params = Params
+
+    def perturb(self, model, x, y, *, eps, norm, generator):
+        return (x + 2 * eps).clamp(0, 1)
+
+
+class OverBudgetPlugin:
+    @medaudit.hookimpl
+    def register_attacks(self, register):
+        register(OverBudget)
+
+
+def test_budget_violation_makes_the_audit_invalid(write_spec, tmp_path):
+    host = get_host(load_entry_points=False, extra_plugins=[("over", OverBudgetPlugin())])
+    spec = load_spec(write_spec(attacks="attacks:\n  - name: over-budget", runtime=f"runtime:\n  output_dir: {tmp_path}"), host)
+    outcome = Runner(spec, host, show_progress=False).run()
+    assert outcome.results["verdict"] == "INVALID" and outcome.exit_code == ExitCode.INVALID
+    [check] = [c for c in outcome.results["validity"] if c["id"] == "budget_respected"]
+    assert check["status"] == "FAIL"
+
+
+class StopAfter:
+    """Presses Ctrl-C after ``n`` jobs, through the job_finished hook."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, []
+
+    @medaudit.hookimpl
+    def job_finished(self, job):
+        self.seen.append(job.id)
+        if len(self.seen) == self.n:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_without_redoing_jobs(write_spec, tmp_path):
+    spec_path = write_spec(runtime=f"runtime:\n  device: cpu\n  batch_size: 16\n  output_dir: {tmp_path / 'a'}")
+
+    reference_host = get_host(load_entry_points=False)
+    reference = Runner(load_spec(spec_path, reference_host), reference_host, show_progress=False).run()
+
+    stopper = StopAfter(3)
+    host = get_host(load_entry_points=False, extra_plugins=[("stopper", stopper)])
+    spec = load_spec(spec_path, host).model_copy(deep=True)
+    spec.runtime.output_dir = tmp_path / "b"
+    with pytest.raises(Exception) as info:
+        Runner(spec, host, show_progress=False).run()
+    assert info.value.exit_code == ExitCode.INTERRUPTED and "--resume" in str(info.value)
+    [run_dir] = list((tmp_path / "b" / "tiny").iterdir())
+    assert not (run_dir / "results.json").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl")}
+    assert len(finished) == 3
+
+    counter = StopAfter(-1)
+    host = get_host(load_entry_points=False, extra_plugins=[("counter", counter)])
+    resumed = Runner(spec, host, show_progress=False).run(run_dir)
+    assert len(counter.seen) == 7 - 3 and not set(counter.seen) & {n.removesuffix(".jsonl") for n in finished}
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl") if p.name in finished} == finished
+    assert _rows(resumed.results) == _rows(reference.results)
+    assert resumed.results["acceptance"] == reference.results["acceptance"]
+    events = [e["event"] for e in resumed.results["timeline"] if e["event"] != "job"]
+    assert events == ["start", "interrupted", "resume"]  # "finished" is logged after results.json
+
+
+def test_resume_refuses_a_changed_spec(write_spec, tmp_path):
+    host = get_host(load_entry_points=False)
+    spec = load_spec(write_spec(attacks="attacks:\n  - name: fgsm", runtime=f"runtime:\n  output_dir: {tmp_path}"), host)
+    outcome = Runner(spec, host, show_progress=False).run()
+    changed = load_spec(write_spec(attacks="attacks:\n  - name: fgsm\n  - name: pgd", name="changed.yaml"), host)
+    with pytest.raises(ResumeError, match="spec_sha256 changed"):
+        Runner(changed, host, show_progress=False).run(outcome.run_dir)
+    result = run_cli(str(write_spec(name="changed2.yaml", attacks="attacks:\n  - name: pgd")), "--resume", str(outcome.run_dir))
+    assert result.exit_code == ExitCode.USAGE_ERROR and "cannot resume" in result.output
+
+
+def test_report_rerenders_from_results_and_escapes_hostile_text(write_spec, tmp_path):
+    hostile = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    audit = f"audit:\n  name: hostile\n  title: '{hostile}'\n  description: '{hostile}'"
+    result = run_cli(str(write_spec(audit=audit, attacks="attacks:\n  - name: fgsm")), "--output-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    [run_dir] = list((tmp_path / "hostile").iterdir())
+    report = run_dir / "report.html"
+    report.unlink()
+    again = CliRunner().invoke(cli, ["report", str(run_dir)])
+    assert again.exit_code == 0 and report.is_file()
+    html = report.read_text()
+    assert "<script>" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_model_is_moved_to_the_selected_device_and_stays_frozen(write_spec, host):
+    runner = Runner(load_spec(write_spec(), host), host, show_progress=False)
+    runner.load()
+    assert runner.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in runner.model.module.parameters())
+    assert [j.title() for j in runner.jobs][:3] == ["none: clean", "none: fgsm eps=0", "none: fgsm eps=1/255"]
