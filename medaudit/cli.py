@@ -134,8 +134,6 @@ def plugins(as_json: bool) -> None:
             params = ", ".join(row["params"].get("properties", {})) or "no params"
             click.echo(f"  {row['name']:<24} {row['summary']}")
             click.echo(f"  {'':<24} params: {params}; from {row['distribution'] or row['plugin']} {row['version'] or ''}")
-    for failed in host.failed:
-        click.echo(f"failed to load: {failed.name} ({failed.distribution}): {failed.error}")
 
 
 @cli.command()

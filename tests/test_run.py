@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import medaudit
+import medaudit.core.components
 from medaudit.audits.records import record_path
 from medaudit.audits.runner import Runner
 from medaudit.audits.spec import load_spec
@@ -194,3 +195,53 @@ def test_model_is_moved_to_the_selected_device_and_stays_frozen(write_spec, host
     assert runner.device == torch.device("cpu")
     assert all(p.device.type == "cpu" and not p.requires_grad for p in runner.model.module.parameters())
     assert [j.title() for j in runner.jobs][:3] == ["none: clean", "none: fgsm eps=0", "none: fgsm eps=1/255"]
+
+
+class Blur(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+
+
+class BlurDefense(medaudit.core.components.Defense):
+    """A 3x3 mean filter in front of the model (differentiable, so attacked directly)."""
+
+    name = "blur"
+    Params = Params
+
+    def apply(self, model, data):
+        import dataclasses
+
+        return dataclasses.replace(model, module=Blur(model.module).eval(), description="blurred")
+
+
+class BlurPlugin:
+    @medaudit.hookimpl
+    def register_defenses(self, register):
+        register(BlurDefense)
+
+
+def test_defenses_multiply_the_plan_and_get_their_own_rows(write_spec, tmp_path):
+    host = get_host(load_entry_points=False, extra_plugins=[("blur", BlurPlugin())])
+    text_defenses = "defenses:\n  - name: blur"
+    acceptance = "acceptance:\n  criteria:\n    - {id: A, metric: robust_accuracy, defense: blur, epsilon: 1/255, op: '>=', threshold: 0.0}"
+    spec = load_spec(write_spec(attacks=f"attacks:\n  - name: fgsm\n{text_defenses}", acceptance=acceptance,
+                                runtime=f"runtime:\n  output_dir: {tmp_path}"), host)
+    outcome = Runner(spec, host, show_progress=False).run()
+    jobs = outcome.results["jobs"]
+    assert [j["defense"] for j in jobs].count("blur") == 1 + 3 and [j["defense"] for j in jobs].count("none") == 4
+    assert set(outcome.results["clean"]) == {"none", "blur"}
+    rows = _rows(outcome.results)
+    assert ("blur", "worst_case", 1 / 255) in rows
+    # the defense's clean job ran the blurred model
+    runner = Runner(spec, host, show_progress=False)
+    runner.load()
+    with torch.inference_mode():
+        expected = runner.models["blur"].module(runner.data.images).argmax(1).tolist()
+    blur_clean = next(j for j in jobs if j["defense"] == "blur" and j["attack"] == "clean")
+    lines = record_path(outcome.run_dir, blur_clean["id"]).read_text().splitlines()
+    assert [json.loads(line)["clean_pred"] for line in lines] == expected
+    assert outcome.results["acceptance"]["criteria"][0]["defense"] == "blur"

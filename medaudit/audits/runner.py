@@ -202,8 +202,9 @@ class Runner:
 
     def _attack_batch(self, model, attack: Attack, job: Job, x, y, clean_pred, generator) -> list[dict]:
         """Attack the samples the model gets right; the others are already errors."""
-        correct = (clean_pred.to(self.device) == y)
-        adv_pred = clean_pred.to(self.device).clone()
+        clean_pred = clean_pred.to(self.device)
+        correct = clean_pred == y
+        adv_pred = clean_pred.clone()
         linf = torch.zeros(len(y), device=self.device)
         l2 = torch.zeros(len(y), device=self.device)
         in_range = torch.ones(len(y), dtype=torch.bool, device=self.device)

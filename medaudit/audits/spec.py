@@ -247,7 +247,8 @@ def _message(err: dict) -> str:
 def _check_components(source: Source, data: dict, host: Host, base_dir: Path, problems: list[str]) -> None:
     """Validate each component reference in place; replace params by their resolved values."""
     task = data.get("task", Task.CLASSIFICATION.value)
-    norm = (data.get("threat_model") or {}).get("norm", Norm.LINF.value) if isinstance(data.get("threat_model"), dict) else None
+    threat_model = data.get("threat_model")
+    norm = threat_model.get("norm", Norm.LINF.value) if isinstance(threat_model, dict) else None
 
     def check(kind: str, ref: Any, loc: Loc, name_key: str) -> None:
         if not isinstance(ref, dict) or not isinstance(ref.get(name_key), str):
