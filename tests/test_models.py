@@ -58,6 +58,7 @@ class Payload:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_not_executed(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-#: Fields of a record (classification).
+#: Fields of a record (classification). Minimum-norm attacks add ``min_norm``: the size of
+#: the smallest fooling perturbation found for the sample (None when none was found).
 FIELDS = ("case", "label", "clean_pred", "adv_pred", "attacked", "linf", "l2", "in_range")
 
 

@@ -93,7 +93,31 @@ def compute_results(spec: Spec, host: Host, jobs: list[Job], run_dir: Path) -> d
                 rows.append(_row(defense, job.attack, eps, records[job.id], attack_metrics, confidence))
             merged = worst_case_records([records[j.id] for j in group])
             rows.append(_row(defense, WORST_CASE, eps, merged, attack_metrics, confidence))
-    return {"clean": clean, "rows": rows, "records": records}
+    curves = [
+        robustness_curve(defense, job.attack, records[job.id])
+        for defense in defenses
+        for job in jobs
+        if job.defense == defense and not job.is_clean and job.epsilon == max(spec.threat_model.epsilons)
+        and any("min_norm" in r for r in records[job.id])
+    ]
+    return {"clean": clean, "rows": rows, "curves": curves, "records": records}
+
+
+def robustness_curve(defense: str, attack: str, records: list[dict], points: int = 11) -> dict:
+    """Robust accuracy against epsilon from a minimum-norm attack's per-sample smallest
+    perturbations: a sample is robust at eps if it is correct and its minimal perturbation
+    is larger than eps (or none was found)."""
+    sizes = [
+        (float("inf") if r["min_norm"] is None else r["min_norm"]) if r["clean_correct"] else -1.0 for r in records
+    ]
+    finite = [s for s in sizes if 0 <= s < float("inf")]
+    top = max(finite) if finite else 0.0
+    grid = [top * i / (points - 1) for i in range(points)] if top > 0 else [0.0]
+    return {
+        "defense": defense,
+        "attack": attack,
+        "points": [[e, sum(s > e for s in sizes) / len(sizes)] for e in grid],
+    }
 
 
 def _row(defense: str, attack: str, eps: float, records: list[dict], metrics: dict[str, Metric], confidence: float) -> dict:

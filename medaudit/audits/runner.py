@@ -24,8 +24,9 @@ from medaudit.audits.plan import Job, check_model_access, plan_jobs
 from medaudit.audits.records import RecordWriter, is_done, read_records
 from medaudit.audits.results import acceptance, compute_results, validity_checks
 from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
-from medaudit.core.components import Attack, LoadedData, LoadedModel, component_info
+from medaudit.core.components import Attack, LoadedData, LoadedModel, MinimumNormAttack, Norm, component_info
 from medaudit.core.environment import describe_environment, select_device
+from medaudit.core.perturbation import project
 from medaudit.core.errors import DataError, ExitCode, MedauditError
 from medaudit.core.host import Host
 
@@ -77,6 +78,10 @@ class Runner:
         self.show_progress = show_progress
         self.command = command
         self.console = Console(stderr=True)
+        #: Minimal adversarials of the current minimum-norm attack, reused for every epsilon.
+        self._minimal_key: tuple[str, str] | None = None
+        self._minimal: dict[int, torch.Tensor] = {}
+        self._minimal_generator: torch.Generator | None = None
 
     # -- loading ------------------------------------------------------------------------
 
@@ -176,7 +181,7 @@ class Runner:
                 if attack is None:
                     rows = self._clean_batch(model, x, y)
                 else:
-                    rows = self._attack_batch(model, attack, job, x, y, clean_pred[start : start + bs], generator)
+                    rows = self._attack_batch(model, attack, job, x, y, clean_pred[start : start + bs], generator, start)
                 for row, case in zip(rows, self.data.case_ids[start : start + bs]):
                     row["case"] = case
                 writer.write(rows)
@@ -200,31 +205,63 @@ class Runner:
             for label, p in zip(y.tolist(), pred.tolist())
         ]
 
-    def _attack_batch(self, model, attack: Attack, job: Job, x, y, clean_pred, generator) -> list[dict]:
+    def _attack_batch(self, model, attack: Attack, job: Job, x, y, clean_pred, generator, start: int) -> list[dict]:
         """Attack the samples the model gets right; the others are already errors."""
+        norm = self.spec.threat_model.norm
         clean_pred = clean_pred.to(self.device)
         correct = clean_pred == y
         adv_pred = clean_pred.clone()
         linf = torch.zeros(len(y), device=self.device)
         l2 = torch.zeros(len(y), device=self.device)
         in_range = torch.ones(len(y), dtype=torch.bool, device=self.device)
+        min_norm = torch.full((len(y),), float("nan"), device=self.device)
         idx = correct.nonzero().flatten()
         if len(idx):
             x_att, y_att = x[idx], y[idx]
-            with torch.enable_grad():
-                x_adv = attack.perturb(model, x_att, y_att, eps=job.epsilon, norm=self.spec.threat_model.norm, generator=generator)
+            if isinstance(attack, MinimumNormAttack):
+                x_min = self._minimal_adversarial(model, attack, job, x_att, y_att, start)
+                x_adv = project(x_min, x_att, job.epsilon, norm) if job.epsilon > 0 else x_att.clone()
+                with torch.inference_mode():
+                    found = model(x_min).argmax(1) != y_att
+                size = _norm_of(x_min - x_att, norm)
+                min_norm[idx] = torch.where(found, size, torch.full_like(size, float("nan")))
+            else:
+                with torch.enable_grad():
+                    x_adv = attack.perturb(model, x_att, y_att, eps=job.epsilon, norm=norm, generator=generator)
             with torch.inference_mode():
                 adv_pred[idx] = model(x_adv).argmax(1)
-            delta = (x_adv - x_att).flatten(1).float()
-            linf[idx] = delta.abs().amax(1)
-            l2[idx] = delta.norm(dim=1)
+            delta = (x_adv - x_att).float()
+            linf[idx] = _norm_of(delta, Norm.LINF)
+            l2[idx] = _norm_of(delta, Norm.L2)
             in_range[idx] = ((x_adv >= 0) & (x_adv <= 1)).flatten(1).all(1)
-        return [
-            {"label": a, "clean_pred": b, "adv_pred": c, "attacked": d, "linf": e, "l2": f, "in_range": g}
-            for a, b, c, d, e, f, g in zip(
-                y.tolist(), clean_pred.tolist(), adv_pred.tolist(), correct.tolist(), linf.tolist(), l2.tolist(), in_range.tolist()
-            )
-        ]
+        rows = []
+        for a, b, c, d, e, f, g, h in zip(
+            y.tolist(), clean_pred.tolist(), adv_pred.tolist(), correct.tolist(), linf.tolist(), l2.tolist(),
+            in_range.tolist(), min_norm.tolist(),
+        ):
+            row = {"label": a, "clean_pred": b, "adv_pred": c, "attacked": d, "linf": e, "l2": f, "in_range": g}
+            if isinstance(attack, MinimumNormAttack):
+                row["min_norm"] = None if h != h else h  # NaN: attacked but no adversarial found
+            rows.append(row)
+        return rows
+
+    def _minimal_adversarial(self, model, attack: MinimumNormAttack, job: Job, x, y, start: int) -> torch.Tensor:
+        """Compute once per (defense, attack) and batch; every epsilon job reuses it.
+
+        The generator is seeded from the (defense, attack) pair, not the job, so the
+        result is the same whichever epsilon job computes it (also after a resume).
+        """
+        key = (job.defense, job.attack)
+        if key != self._minimal_key:
+            self._minimal_key, self._minimal = key, {}
+            seed = job_seed(self.spec.runtime.seed, f"{job.defense}.{job.attack}.minimal")
+            self._minimal_generator = torch.Generator(device=self.device).manual_seed(seed)
+        if start not in self._minimal:
+            with torch.enable_grad():
+                self._minimal[start] = attack.minimal(
+                    model, x, y, norm=self.spec.threat_model.norm, generator=self._minimal_generator
+                ).detach()
+        return self._minimal[start]
 
     # -- results ------------------------------------------------------------------------
 
@@ -292,6 +329,7 @@ class Runner:
             ],
             "clean": computed["clean"],
             "rows": computed["rows"],
+            "curves": computed["curves"],
             "validity": checks,
             "acceptance": accepted,
             "jobs": [
@@ -314,3 +352,7 @@ class Runner:
             out.update(summary=c["summary"], norms=c["norms"], needs=c["needs"], targeted=c["targeted"])
         return out
 
+
+def _norm_of(delta: torch.Tensor, norm: Norm) -> torch.Tensor:
+    flat = delta.flatten(1)
+    return flat.abs().amax(1) if norm is Norm.LINF else flat.norm(dim=1)

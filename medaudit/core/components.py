@@ -177,6 +177,30 @@ class Attack(Component):
         ...
 
 
+class MinimumNormAttack(Attack):
+    """An attack that searches for each sample's smallest fooling perturbation (DeepFool,
+    C&W, FAB) instead of working within a budget.
+
+    The runner calls :meth:`minimal` once per (defense, attack) and reuses the result for
+    every epsilon: the bounded adversarial at eps is the minimal one projected onto the
+    eps-ball, and each record also carries the minimal perturbation's size (``min_norm``),
+    so one run yields a whole robustness curve.
+    """
+
+    @abc.abstractmethod
+    def minimal(
+        self, model: "torch.nn.Module", x: "torch.Tensor", y: "torch.Tensor", *, norm: Norm, generator: "torch.Generator"
+    ) -> "torch.Tensor":
+        """Return adversarials in [0, 1] as close to ``x`` as found (unbounded)."""
+
+    def perturb(self, model, x, y, *, eps, norm, generator):
+        from medaudit.core.perturbation import project
+
+        if eps == 0:
+            return x.clone()
+        return project(self.minimal(model, x, y, norm=norm, generator=generator), x, eps, norm)
+
+
 # -- defenses -------------------------------------------------------------------------
 
 

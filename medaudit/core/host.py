@@ -42,6 +42,10 @@ BUILTIN_PLUGINS = (
     "medaudit.plugins.timm_models",
     "medaudit.plugins.demo_model",
     "medaudit.plugins.gradient_attacks",
+    "medaudit.plugins.iterative_attacks",
+    "medaudit.plugins.minimum_norm",
+    "medaudit.plugins.autoattack",
+    "medaudit.plugins.art_bridge",
     "medaudit.plugins.classification_metrics",
     "medaudit.plugins.report_sections",
 )

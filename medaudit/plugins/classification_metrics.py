@@ -86,7 +86,24 @@ class L2Max(_NormStat):
     name, field, reduce = "perturbation_l2_max", "l2", "max"
 
 
+class MinNormMedian(Metric):
+    """Median size (in the threat model's norm) of the smallest fooling perturbation found by a
+    minimum-norm attack, over the attacked samples; samples it could not fool count as infinite."""
+
+    name = "min_norm_median"
+
+    def compute(self, records):
+        sizes = sorted(
+            float("inf") if r["min_norm"] is None else r["min_norm"] for r in records if r["attacked"] and "min_norm" in r
+        )
+        if not sizes:
+            return None
+        mid = len(sizes) // 2
+        median = sizes[mid] if len(sizes) % 2 else (sizes[mid - 1] + sizes[mid]) / 2
+        return None if median == float("inf") else MetricValue(value=median, n=len(sizes))
+
+
 @hookimpl
 def register_metrics(register):
-    for cls in (CleanAccuracy, RobustAccuracy, AttackSuccessRate, LinfMean, LinfMax, L2Mean, L2Max):
+    for cls in (CleanAccuracy, RobustAccuracy, AttackSuccessRate, LinfMean, LinfMax, L2Mean, L2Max, MinNormMedian):
         register(cls)
