@@ -245,3 +245,37 @@ def test_defenses_multiply_the_plan_and_get_their_own_rows(write_spec, tmp_path)
     lines = record_path(outcome.run_dir, blur_clean["id"]).read_text().splitlines()
     assert [json.loads(line)["clean_pred"] for line in lines] == expected
     assert outcome.results["acceptance"]["criteria"][0]["defense"] == "blur"
+
+
+class NeedsMissingData(Attack):
+    """Checks its resources in prepare(), as a universal attack loading a fit set would."""
+
+    name = "needs-missing-data"
+    norms = frozenset({Norm.LINF})
+    Params = Params
+    prepared = 0
+
+    def prepare(self, context):
+        type(self).prepared += 1
+        context.load_dataset("no-such-dataset", {})
+
+    def perturb(self, model, x, y, *, eps, norm, generator):
+        return x.clone()
+
+
+class NeedsMissingDataPlugin:
+    @medaudit.hookimpl
+    def register_attacks(self, register):
+        register(NeedsMissingData)
+
+
+def test_attack_prepare_fails_before_anything_is_written(write_spec, tmp_path):
+    from medaudit.core.errors import DataError
+
+    host = get_host(load_entry_points=False, extra_plugins=[("missing", NeedsMissingDataPlugin())])
+    out = tmp_path / "out"
+    spec = load_spec(write_spec(attacks="attacks:\n  - name: needs-missing-data", runtime=f"runtime:\n  output_dir: {out}"), host)
+    NeedsMissingData.prepared = 0
+    with pytest.raises(DataError, match="unknown dataset 'no-such-dataset'"):
+        Runner(spec, host, show_progress=False).run()
+    assert NeedsMissingData.prepared == 1 and not out.exists()

@@ -24,7 +24,7 @@ from medaudit.audits.plan import Job, check_model_access, plan_jobs
 from medaudit.audits.records import RecordWriter, is_done, read_records
 from medaudit.audits.results import acceptance, compute_results, validity_checks
 from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
-from medaudit.core.components import Attack, LoadedData, LoadedModel, MinimumNormAttack, Norm, component_info
+from medaudit.core.components import Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, component_info
 from medaudit.core.environment import describe_environment, select_device
 from medaudit.core.perturbation import project
 from medaudit.core.errors import DataError, ExitCode, MedauditError
@@ -104,12 +104,25 @@ class Runner:
             defended = cls(cls.Params.model_validate(ref.params)).apply(self.model, self.data)
             defended.module.to(self.device)
             self.models[ref.label] = defended
+        self.attacks: dict[str, Attack] = {}
+        context = AttackContext(data=self.data, load_dataset=self._load_dataset, device=self.device)
+        for ref in spec.attacks:
+            cls = self.host.get("attack", ref.name)
+            self.attacks[ref.label] = attack = cls(cls.Params.model_validate(ref.params))
+            attack.prepare(context)
         self.jobs = plan_jobs(spec)
         self.fingerprints = {
             "spec_sha256": spec.digest(),
             "model_sha256": self.model.fingerprint,
             "data_sha256": self.data.fingerprint,
         }
+
+    def _load_dataset(self, name: str, params: dict[str, Any]) -> LoadedData:
+        try:
+            cls = self.host.get("dataset", name)
+        except KeyError as exc:
+            raise DataError(exc.args[0]) from None
+        return cls(cls.Params.model_validate(params)).load()
 
     # -- running ------------------------------------------------------------------------
 
@@ -164,9 +177,7 @@ class Runner:
         attack: Attack | None = None
         clean_pred = None
         if not job.is_clean:
-            cls = self.host.get("attack", job.attack_name)
-            ref = next(a for a in self.spec.attacks if a.label == job.attack)
-            attack = cls(cls.Params.model_validate(ref.params))
+            attack = self.attacks[job.attack]
             clean_job = next(j for j in self.jobs if j.defense == job.defense and j.is_clean)
             clean_pred = torch.tensor([r["clean_pred"] for r in read_records(self.run_dir, clean_job.id)])
         generator = torch.Generator(device=self.device).manual_seed(job_seed(self.spec.runtime.seed, job.id))

@@ -12,7 +12,7 @@ import abc
 import dataclasses
 import enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 
@@ -148,11 +148,24 @@ class Dataset(Component):
 # -- attacks --------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class AttackContext:
+    """What an attack may use beyond the batch it is given."""
+
+    #: The evaluation data of the audit.
+    data: LoadedData
+    #: Loads another registered dataset by name and params (validated), e.g. to fit a
+    #: universal perturbation on other images than the ones it is evaluated on.
+    load_dataset: Callable[[str, dict[str, Any]], LoadedData]
+    device: "torch.device"
+
+
 class Attack(Component):
     """An evasion attack in pixel space.
 
     Subclasses implement :meth:`perturb` in native torch, batched, on the model's device:
-    no numpy and no per-step ``.item()`` in the loop.
+    no numpy and no per-step ``.item()`` in the loop. The runner makes one instance per
+    attack of the spec and reuses it for every job (defense x epsilon) and batch.
     """
 
     #: Norms under which the attack bounds its perturbation.
@@ -175,6 +188,10 @@ class Attack(Component):
     ) -> "torch.Tensor":
         """Return adversarial inputs with ``||x_adv - x|| <= eps`` and values in [0, 1]."""
         ...
+
+    def prepare(self, context: AttackContext) -> None:
+        """Called once before any job, before the run directory exists: load or check what
+        the attack needs beyond the batch here, so bad input fails early. Default: nothing."""
 
 
 class MinimumNormAttack(Attack):
