@@ -279,3 +279,26 @@ def test_attack_prepare_fails_before_anything_is_written(write_spec, tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'no-such-dataset'"):
         Runner(spec, host, show_progress=False).run()
     assert NeedsMissingData.prepared == 1 and not out.exists()
+
+
+def test_speed_switches_keep_results_close_and_losses_in_fp32(write_spec, tmp_path, host, demo_model, demo_data):
+    from medaudit.core.models import SpeedWrapper
+
+    x = demo_data.images[:32]
+    with torch.inference_mode():
+        reference = demo_model.module(x)
+        fast = SpeedWrapper(demo_model.module, torch.bfloat16, channels_last=True)(x)
+    assert fast.dtype == torch.float32  # attack losses are computed in full precision
+    assert (fast.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
+
+    runtime = f"runtime:\n  device: cpu\n  output_dir: {tmp_path}\n  autocast: bf16\n  channels_last: true"
+    outcome = Runner(load_spec(write_spec(runtime=runtime), host), host, show_progress=False).run()
+    assert outcome.results["spec"]["runtime"]["autocast"] == "bf16"
+    assert outcome.results["clean"]["none"]["clean_accuracy"]["value"] > 0.85
+
+
+def test_fp16_autocast_is_refused_on_the_cpu(write_spec, host):
+    from medaudit.core.errors import SpecError
+
+    with pytest.raises(SpecError, match="autocast fp16 needs a CUDA device"):
+        load_spec(write_spec(runtime="runtime:\n  device: cpu\n  autocast: fp16"), host)

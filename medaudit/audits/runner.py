@@ -26,8 +26,9 @@ from medaudit.audits.results import acceptance, compute_results, validity_checks
 from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
 from medaudit.core.components import Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, component_info
 from medaudit.core.environment import describe_environment, select_device
+from medaudit.core.models import SpeedWrapper, prepare_for_audit
 from medaudit.core.perturbation import project
-from medaudit.core.errors import DataError, ExitCode, MedauditError
+from medaudit.core.errors import DataError, EnvironmentProblem, ExitCode, MedauditError
 from medaudit.core.host import Host
 
 SCHEMA_VERSION = 1
@@ -104,6 +105,7 @@ class Runner:
             defended = cls(cls.Params.model_validate(ref.params)).apply(self.model, self.data)
             defended.module.to(self.device)
             self.models[ref.label] = defended
+        self._apply_speed_switches()
         self.attacks: dict[str, Attack] = {}
         context = AttackContext(data=self.data, load_dataset=self._load_dataset, device=self.device)
         for ref in spec.attacks:
@@ -116,6 +118,17 @@ class Runner:
             "model_sha256": self.model.fingerprint,
             "data_sha256": self.data.fingerprint,
         }
+
+    def _apply_speed_switches(self) -> None:
+        runtime = self.spec.runtime
+        if runtime.autocast == "off" and not runtime.channels_last:
+            return
+        if runtime.autocast == "fp16" and self.device.type != "cuda":
+            raise EnvironmentProblem("runtime.autocast fp16 needs a CUDA device; use bf16 on the CPU")
+        dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[runtime.autocast]
+        for label, loaded in self.models.items():
+            wrapped = SpeedWrapper(loaded.module, dtype, runtime.channels_last)
+            self.models[label] = dataclasses.replace(loaded, module=prepare_for_audit(wrapped))
 
     def _load_dataset(self, name: str, params: dict[str, Any]) -> LoadedData:
         try:

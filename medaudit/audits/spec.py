@@ -149,6 +149,21 @@ class Runtime(_Section):
     seed: int = Field(0, ge=0, description="Seeds every random choice together with each job's id.")
     output_dir: Path = Field(Path("runs"), description="Run directories go under <output_dir>/<audit name>/.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    autocast: Literal["off", "bf16", "fp16"] = Field(
+        "off",
+        description="Run the model's forward pass in reduced precision (torch.autocast); logits, and so "
+        "every attack loss, stay in fp32. Faster on GPUs with tensor cores; results can differ slightly "
+        "from fp32. fp16 needs CUDA.",
+    )
+    channels_last: bool = Field(
+        False, description="Channels-last memory format for 2D models and inputs: often faster for CNNs on GPUs."
+    )
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self) -> "Runtime":
+        if self.autocast == "fp16" and self.device == "cpu":
+            raise ValueError("autocast fp16 needs a CUDA device; use bf16 on the CPU")
+        return self
 
 
 DEFAULT_METRICS = [

@@ -30,6 +30,25 @@ class PixelSpaceModel(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+class SpeedWrapper(nn.Module):
+    """Runs a pixel-space model under autocast and/or channels-last; returns fp32 logits so
+    attack losses are computed in full precision."""
+
+    def __init__(self, inner: nn.Module, autocast: torch.dtype | None, channels_last: bool):
+        super().__init__()
+        self.inner = inner.to(memory_format=torch.channels_last) if channels_last else inner
+        self.autocast = autocast
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return self.inner(x).float()
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast):
+            return self.inner(x).float()
+
+
 def prepare_for_audit(module: nn.Module) -> nn.Module:
     """Eval mode and frozen parameters: attacks differentiate w.r.t. the input only."""
     module.eval()
