@@ -284,10 +284,13 @@ def test_attack_prepare_fails_before_anything_is_written(write_spec, tmp_path):
 def test_speed_switches_keep_results_close_and_losses_in_fp32(write_spec, tmp_path, host, demo_model, demo_data):
     from medaudit.core.models import SpeedWrapper
 
+    import copy
+
     x = demo_data.images[:32]
+    fast_model = SpeedWrapper(copy.deepcopy(demo_model.module), torch.bfloat16, channels_last=True)  # converts in place
     with torch.inference_mode():
         reference = demo_model.module(x)
-        fast = SpeedWrapper(demo_model.module, torch.bfloat16, channels_last=True)(x)
+        fast = fast_model(x)
     assert fast.dtype == torch.float32  # attack losses are computed in full precision
     assert (fast.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
 

@@ -32,7 +32,7 @@ class PixelSpaceModel(nn.Module):
 
 class SpeedWrapper(nn.Module):
     """Runs a pixel-space model under autocast and/or channels-last; returns fp32 logits so
-    attack losses are computed in full precision."""
+    attack losses are computed in full precision. Converts ``inner`` to channels-last in place."""
 
     def __init__(self, inner: nn.Module, autocast: torch.dtype | None, channels_last: bool):
         super().__init__()
