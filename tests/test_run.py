@@ -305,3 +305,41 @@ def test_fp16_autocast_is_refused_on_the_cpu(write_spec, host):
 
     with pytest.raises(SpecError, match="autocast fp16 needs a CUDA device"):
         load_spec(write_spec(runtime="runtime:\n  device: cpu\n  autocast: fp16"), host)
+
+
+class ScoresOnlyDemo(medaudit.core.components.ModelLoader):
+    """The demo model behind an API that returns scores but no gradients (as ONNX will)."""
+
+    name = "scores-only-demo"
+    Params = Params
+
+    def load(self, task):
+        import dataclasses
+
+        from medaudit.core.components import Access
+        from medaudit.plugins.demo_model import DemoModel
+
+        loaded = DemoModel().load(task)
+        return dataclasses.replace(loaded, access=frozenset({Access.SCORES, Access.DECISIONS}))
+
+
+class ScoresOnlyPlugin:
+    @medaudit.hookimpl
+    def register_models(self, register):
+        register(ScoresOnlyDemo)
+
+
+def test_planner_refuses_attacks_the_model_cannot_serve(write_spec, tmp_path):
+    from medaudit.core.errors import SpecError
+
+    host = get_host(load_entry_points=False, extra_plugins=[("scores", ScoresOnlyPlugin())])
+    out = tmp_path / "out"
+    model = "model:\n  loader: scores-only-demo"
+    spec = load_spec(write_spec(model=model, runtime=f"runtime:\n  output_dir: {out}"), host)
+    with pytest.raises(SpecError) as info:
+        Runner(spec, host, show_progress=False).run()
+    assert "attack 'fgsm' needs gradients but the model gives decisions, scores" in str(info.value)
+    assert "use a score- or decision-based attack" in str(info.value) and not out.exists()
+    attacks = "attacks:\n  - name: square\n    params: {queries: 20}"
+    spec = load_spec(write_spec(model=model, attacks=attacks, runtime=f"runtime:\n  output_dir: {out}"), host)
+    assert Runner(spec, host, show_progress=False).run().exit_code == ExitCode.PASS
