@@ -7,21 +7,13 @@ import torch
 
 from medaudit.core.components import Norm
 from medaudit.plugins.gradient_attacks import FGSM, PGD, PGDParams
+from tests.helpers import accuracy, run
 
 ATTACKS = [
     ("fgsm", lambda: FGSM()),
     ("pgd", lambda: PGD(PGDParams(steps=5))),
     ("pgd-restarts", lambda: PGD(PGDParams(steps=3, restarts=2))),
 ]
-
-
-def accuracy(model, x, y) -> float:
-    with torch.inference_mode():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def run(attack, model, x, y, eps, norm=Norm.LINF, seed=0):
-    return attack.perturb(model, x, y, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])

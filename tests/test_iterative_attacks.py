@@ -21,21 +21,13 @@ from medaudit.plugins.iterative_attacks import (
     gaussian_kernel,
     smooth,
 )
+from tests.helpers import accuracy, run
 
 ATTACKS = [
     ("bim", lambda: BIM(BIMParams(steps=5))),
     ("mifgsm", lambda: MIFGSM(MIFGSMParams(steps=5))),
     ("tifgsm", lambda: TIFGSM(TIFGSMParams(steps=5))),
 ]
-
-
-def accuracy(model, x, y) -> float:
-    with torch.inference_mode():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def run(attack, model, x, y, eps, norm=Norm.LINF, seed=0):
-    return attack.perturb(model, x, y, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])
