@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -350,7 +350,7 @@ def spec_json_schema(host: Host) -> dict:
             variants.append(create_model(f"{kind}_{name}".replace("-", "_"), __config__=ConfigDict(extra="forbid"), **fields))
         if not variants:
             return dict[str, Any]
-        return Annotated[__import__("typing").Union[tuple(variants)], Field(discriminator=name_key)]
+        return Annotated[Union[tuple(variants)], Field(discriminator=name_key)]
 
     label = {"id": (str | None, None)}
     schema_model = create_model(

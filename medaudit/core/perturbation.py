@@ -53,3 +53,9 @@ def input_gradient(model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor)
     loss = F.cross_entropy(logits.float(), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x_adv)
     return logits.detach(), grad
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{i != y} z_i``: positive while the sample is classified correctly."""
+    others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return logits.gather(1, y[:, None]).squeeze(1) - others

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, Attack, Norm, Params
-from medaudit.core.perturbation import ascent_step, input_gradient, per_sample_l2, project, random_start
+from medaudit.core.perturbation import ascent_step, input_gradient, margin, per_sample_l2, project, random_start
 
 #: ``objective(x_adv) -> (logits, per-sample loss, gradient of the summed loss)``.
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -34,12 +34,6 @@ def _col(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _pick(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, cls[:, None]).squeeze(1)
-
-
-def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``z_y - max_{i != y} z_i``: positive while the sample is classified correctly."""
-    others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-    return _pick(logits, y) - others
 
 
 def targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import MinimumNormAttack, Norm, Params
-from medaudit.core.perturbation import per_sample_l2
+from medaudit.core.perturbation import margin, per_sample_l2
 
 
 class DeepFoolParams(Params):
@@ -115,15 +115,14 @@ class CarliniWagnerL2(MinimumNormAttack):
             for _ in range(p.steps):
                 x_adv = (torch.tanh(w) + 1) / 2
                 logits = model(x_adv).float()
-                real = logits.gather(1, y[:, None]).squeeze(1)
-                other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+                gap = margin(logits, y)
                 l2sq = (x_adv - x).flatten(1).pow(2).sum(1)
-                loss = (l2sq + const * (real - other + p.confidence).clamp_min(0)).sum()
+                loss = (l2sq + const * (gap + p.confidence).clamp_min(0)).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    fooled = other - real > p.confidence
+                    fooled = -gap > p.confidence
                     better = fooled & (l2sq < best_l2)
                     best_l2 = torch.where(better, l2sq, best_l2)
                     best = torch.where(better.view(shape), x_adv.detach(), best)
