@@ -5,7 +5,10 @@
 The floor of an iterative gradient attack is steps x (forward + backward w.r.t. the input).
 Model: timm resnet18, in_chans=1, 2 classes, 64x64, batch 32, random init, eval mode, with
 the same pixel-space wrapper (normalisation inside the model) for every implementation.
-Prints one line per implementation, then one JSON line with the ratios.
+Segmentation: dense PGD (per-pixel cross-entropy, lowest-Dice iterate kept) on an smp U-Net
+(resnet18 encoder, 5 classes, 128x128, batch 8) against its own floor; no library has a
+segmentation PGD to compare with. Prints one line per implementation, then one JSON line
+with the ratios.
 
 torchattacks is optional: install it with ``pip install --no-deps torchattacks`` (its
 metadata pins ``requests~=2.25``, which would downgrade packages timm needs).
@@ -104,6 +107,10 @@ def main() -> None:
     else:
         print(f"torchattacks PGD               {seconds['torchattacks']:.4f} s")
 
+    results.update(dense_pgd(device, args.reps))
+    print(f"segmentation floor ({STEPS} x fwd+bwd) {results['seg_floor_s']:.4f} s")
+    print(f"medaudit dense pgd (U-Net)       {results['seg_pgd_s']:.4f} s")
+
     if args.autoattack_images:
         results.update(autoattack_on_demo(device, args.autoattack_images))
         print(f"autoattack (standard) on {args.autoattack_images} demo images at 1/255: "
@@ -117,9 +124,37 @@ def main() -> None:
         "pgd_over_floor": ratio(results["pgd_s"], results["floor_s"]),
         "art_over_pgd": ratio(results["art_s"], results["pgd_s"]),
         "torchattacks_over_pgd": ratio(results["torchattacks_s"], results["pgd_s"]),
+        "seg_floor_s": round(results["seg_floor_s"], 5),
+        "seg_pgd_s": round(results["seg_pgd_s"], 5),
+        "seg_pgd_over_floor": ratio(results["seg_pgd_s"], results["seg_floor_s"]),
         "autoattack_s": results.get("autoattack_s"),
         "autoattack_robust_accuracy": results.get("autoattack_robust_accuracy"),
     }))
+
+
+def dense_pgd(device: torch.device, reps: int) -> dict:
+    """Dense PGD on a U-Net against steps x (forward + backward of the per-pixel loss)."""
+    from medaudit.core.perturbation import per_sample_loss
+    from medaudit.plugins.segmentation_models import SmpParams, build_smp
+
+    torch.manual_seed(0)
+    net = build_smp(SmpParams(arch="Unet", encoder="resnet18", in_channels=1, classes=5))
+    model = prepare_for_audit(PixelSpaceModel(net, [0.5], [0.25], 1)).to(device)
+    x = torch.rand(8, 1, 128, 128, device=device)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the model's own labels, so the attack has something to break
+
+    def floor():
+        for _ in range(STEPS):
+            xg = x.detach().requires_grad_(True)
+            torch.autograd.grad(per_sample_loss(model(xg), y).sum(), xg)
+
+    pgd = PGD(PGDParams(steps=STEPS))
+    gen = torch.Generator(device=device).manual_seed(0)
+    seconds = median_seconds(
+        {"floor": floor, "pgd": lambda: pgd.perturb(model, x, y, eps=EPS, norm=Norm.LINF, generator=gen)}, device, reps
+    )
+    return {"seg_floor_s": seconds["floor"], "seg_pgd_s": seconds["pgd"]}
 
 
 def autoattack_on_demo(device: torch.device, n: int) -> dict:

@@ -45,6 +45,28 @@ def demo_model():
     return DemoModel(DemoParams(**DEMO)).load(Task.CLASSIFICATION)
 
 
+#: The segmentation examples' demo U-Nets (trained once per test session).
+DEMO_UNET_2D = {"dims": 2, "image_size": 64, "train_size": 512, "steps": 200, "seed": 0}
+DEMO_UNET_3D = {"dims": 3, "image_size": 32, "depth": 16, "train_size": 64, "steps": 100, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def seg_model():
+    """The 2D segmentation example's demo U-Net (smp, 5 phantom classes, 64 px)."""
+    from medaudit.core.components import Task
+    from medaudit.plugins.demo_model import DemoUNet, DemoUNetParams
+
+    return DemoUNet(DemoUNetParams(**DEMO_UNET_2D)).load(Task.SEGMENTATION)
+
+
+@pytest.fixture(scope="session")
+def seg_data():
+    """32 phantom slices at 64 px with their 5-class masks."""
+    from medaudit.plugins.phantom import Phantom, PhantomParams
+
+    return Phantom(PhantomParams(n=32, size=64, seed=0)).load()
+
+
 @pytest.fixture(scope="session")
 def demo_data():
     from medaudit.plugins.phantom import Phantom, PhantomParams

@@ -24,7 +24,7 @@ def test_valid_spec_resolves_defaults_and_fractions(write_spec, host):
     spec = load_spec(write_spec(), host)
     assert spec.threat_model.epsilons == [0.0, 1 / 255, 4 / 255]
     pgd = next(a for a in spec.attacks if a.name == "pgd")
-    assert pgd.params == {"steps": 5, "step_size": None, "random_start": True, "restarts": 1}
+    assert pgd.params == {"steps": 5, "step_size": None, "random_start": True, "restarts": 1, "loss": "ce"}
 
 
 @pytest.mark.parametrize("text,expected", [("1/255", 1 / 255), ("0.5/255", 0.5 / 255), (" 0.01 ", 0.01), (0.2, 0.2)])

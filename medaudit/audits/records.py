@@ -12,9 +12,24 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-#: Fields of a record (classification). Minimum-norm attacks add ``min_norm``: the size of
+import torch
+
+from medaudit.core.segmentation import dice_per_class, hd95_per_class, iou_per_class, pixel_accuracy
+
+#: Fields of a classification record. Minimum-norm attacks add ``min_norm``: the size of
 #: the smallest fooling perturbation found for the sample (None when none was found).
 FIELDS = ("case", "label", "clean_pred", "adv_pred", "attacked", "linf", "l2", "in_range")
+#: Fields of a segmentation record: per-class lists (index = class) of Dice, IoU and HD95,
+#: clean and under attack, and per-case pixel accuracy. Targeted attacks add
+#: ``target_dice`` (per class, prediction vs the attacker's target), ``target_pixel_accuracy``,
+#: ``target_changed`` (pixels where the target differs from the truth) and ``target_hit``
+#: (the share of those the prediction takes the target's label on; None when there are none).
+DENSE_FIELDS = (
+    "case", "attacked", "linf", "l2", "in_range", "clean_dice", "clean_iou", "clean_hd95", "clean_pixel_accuracy",
+    "adv_dice", "adv_iou", "adv_hd95", "adv_pixel_accuracy",
+)
+#: Cases whose images and predictions each segmentation job keeps for the report's overlays.
+EXAMPLE_CASES = 4
 
 
 def record_path(run_dir: Path, job_id: str) -> Path:
@@ -49,12 +64,66 @@ class RecordWriter:
 
 
 def read_records(run_dir: Path, job_id: str) -> list[dict]:
-    """Records of a finished job, with the derived ``clean_correct``/``adv_correct`` flags."""
+    """Records of a finished job; classification records get the derived
+    ``clean_correct``/``adv_correct`` flags."""
     rows = []
     with open(record_path(run_dir, job_id), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            row["clean_correct"] = row["clean_pred"] == row["label"]
-            row["adv_correct"] = row["adv_pred"] == row["label"]
+            if "label" in row:
+                row["clean_correct"] = row["clean_pred"] == row["label"]
+                row["adv_correct"] = row["adv_pred"] == row["label"]
             rows.append(row)
     return rows
+
+
+def dense_scores(
+    pred: torch.Tensor, truth: torch.Tensor, num_classes: int, spacing=None, *, distances: bool = True
+) -> dict[str, list]:
+    """Per-case scores of label maps: per-class ``dice``, ``iou`` (and ``hd95``), and ``pixel_accuracy``."""
+    out: dict[str, list] = {
+        "dice": _rounded(dice_per_class(pred, truth, num_classes)),
+        "iou": _rounded(iou_per_class(pred, truth, num_classes)),
+    }
+    if distances:
+        out["hd95"] = _rounded(hd95_per_class(pred, truth, num_classes, spacing))
+    out["pixel_accuracy"] = [round(v, 6) for v in pixel_accuracy(pred, truth).tolist()]
+    return out
+
+
+def _rounded(t: torch.Tensor) -> list[list[float]]:
+    return [[round(v, 6) for v in row] for row in t.tolist()]
+
+
+def examples_path(run_dir: Path, job_id: str) -> Path:
+    return run_dir / "examples" / f"{job_id}.pt"
+
+
+def save_examples(run_dir: Path, job_id: str, x, x_adv, truth, pred, target=None) -> None:
+    """Keep the first cases' images and label maps of a segmentation job for the report's
+    overlays (a 3D case keeps the slice where its smallest structure is largest)."""
+    k = min(EXAMPLE_CASES, len(x))
+    keep = {"image": x[:k, 0], "adversarial": x_adv[:k, 0], "truth": truth[:k], "prediction": pred[:k]}
+    if target is not None:
+        keep["target"] = target[:k]
+    if truth.dim() == 4:
+        index = torch.stack([_telling_slice(t) for t in truth[:k]])
+        keep = {name: v[torch.arange(k), index] for name, v in keep.items()}
+    path = examples_path(run_dir, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({name: v.detach().cpu().clone() for name, v in keep.items()}, path)
+
+
+def _telling_slice(truth: torch.Tensor) -> torch.Tensor:
+    """Index of the slice of a ``D x H x W`` label map showing most of its rarest class."""
+    counts = torch.stack([torch.bincount(s.flatten(), minlength=int(truth.max()) + 1) for s in truth])
+    total = counts.sum(0)
+    present = (total > 0).nonzero().flatten()
+    present = present[present > 0] if len(present) > 1 else present
+    rarest = present[total[present].argmin()]
+    return counts[:, rarest].argmax()
+
+
+def load_examples(run_dir: Path, job_id: str) -> dict[str, torch.Tensor] | None:
+    path = examples_path(run_dir, job_id)
+    return torch.load(path, weights_only=True) if path.is_file() else None

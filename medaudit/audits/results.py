@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from pathlib import Path
-from statistics import NormalDist
+from statistics import NormalDist, fmean
 from typing import Any
 
 from medaudit.audits.plan import Job
@@ -18,6 +18,7 @@ from medaudit.audits.spec import NO_DEFENSE, WORST_CASE, Criterion, Spec, epsilo
 from medaudit.core.components import Metric, MetricValue
 from medaudit.core.errors import ExitCode
 from medaudit.core.host import Host
+from medaudit.core.segmentation import case_mean
 
 PASS, FAIL, INCONCLUSIVE, INVALID, WARN = "PASS", "FAIL", "INCONCLUSIVE", "INVALID", "WARN"
 NOT_ASSESSED = "NOT ASSESSED"
@@ -48,29 +49,75 @@ def wilson_interval(successes: int, n: int, confidence: float) -> tuple[float, f
     return (low, high)
 
 
+#: Bootstrap resamples for intervals on means over cases (seeded: results are reproducible).
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(values: tuple[float, ...], confidence: float, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over cases."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    if len(data) < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(BOOTSTRAP_RESAMPLES, len(data)))].mean(1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return (float(low), float(high))
+
+
 def _value(mv: MetricValue | None, confidence: float) -> dict[str, Any] | None:
     if mv is None:
         return None
     out: dict[str, Any] = {"value": mv.value, "n": mv.n}
     if mv.successes is not None:
         low, high = wilson_interval(mv.successes, mv.n, confidence)
-        out.update(successes=mv.successes, ci_low=low, ci_high=high)
+        out.update(successes=mv.successes, ci_low=low, ci_high=high, interval="wilson")
+    elif mv.per_case is not None and len(mv.per_case) >= 2:
+        low, high = bootstrap_interval(mv.per_case, confidence)
+        out.update(ci_low=low, ci_high=high, interval="bootstrap")
     return out
 
 
 def worst_case_records(per_attack: list[list[dict]]) -> list[dict]:
-    """Merge the records of several attacks at one epsilon: a sample is robust only if it
-    survives every attack; a broken sample takes the record of the first attack that broke it."""
+    """Merge the records of several attacks at one epsilon, per case. Classification: a
+    sample is robust only if it survives every attack; a broken sample takes the record of
+    the first attack that broke it. Segmentation: each case takes the record of the attack
+    that left it the lowest Dice (robust Dice = minimum over the attacks)."""
     merged = []
     for rows in zip(*per_attack):
-        broken = [r for r in rows if not r["adv_correct"]]
-        row = dict(broken[0] if broken else rows[0])
+        if "adv_dice" in rows[0]:
+            row = dict(min(rows, key=lambda r: case_mean(r["adv_dice"])))
+            for key in ("target_dice", "target_pixel_accuracy", "target_changed", "target_hit"):
+                row.pop(key, None)  # targets differ between attacks: no worst case
+        else:
+            broken = [r for r in rows if not r["adv_correct"]]
+            row = dict(broken[0] if broken else rows[0])
         row["in_range"] = all(r["in_range"] for r in rows)
         merged.append(row)
     return merged
 
 
-def compute_results(spec: Spec, host: Host, jobs: list[Job], run_dir: Path) -> dict[str, Any]:
+def per_class_table(records: list[dict], class_names: list[str]) -> list[dict]:
+    """Mean Dice per class over cases, clean and under attack (segmentation rows)."""
+    if not records or "adv_dice" not in records[0]:
+        return []
+    k = len(records[0]["adv_dice"])
+    names = class_names if len(class_names) == k else [f"class {i}" for i in range(k)]
+    return [
+        {
+            "class": names[c],
+            "clean_dice": fmean(r["clean_dice"][c] for r in records),
+            "dice": fmean(r["adv_dice"][c] for r in records),
+        }
+        for c in range(k)
+    ]
+
+
+def compute_results(
+    spec: Spec, host: Host, jobs: list[Job], run_dir: Path, class_names: list[str] | None = None
+) -> dict[str, Any]:
     """Metrics per defense (clean) and per (defense, attack or worst case, epsilon)."""
     confidence = spec.acceptance.confidence
     metrics: dict[str, Metric] = {name: host.get("metric", name)() for name in spec.metrics}
@@ -90,9 +137,9 @@ def compute_results(spec: Spec, host: Host, jobs: list[Job], run_dir: Path) -> d
         for eps in spec.threat_model.epsilons:
             group = [j for j in jobs if j.defense == defense and not j.is_clean and j.epsilon == eps]
             for job in group:
-                rows.append(_row(defense, job.attack, eps, records[job.id], attack_metrics, confidence))
+                rows.append(_row(defense, job.attack, eps, records[job.id], attack_metrics, confidence, class_names))
             merged = worst_case_records([records[j.id] for j in group])
-            rows.append(_row(defense, WORST_CASE, eps, merged, attack_metrics, confidence))
+            rows.append(_row(defense, WORST_CASE, eps, merged, attack_metrics, confidence, class_names))
     curves = [
         robustness_curve(defense, job.attack, records[job.id])
         for defense in defenses
@@ -120,14 +167,21 @@ def robustness_curve(defense: str, attack: str, records: list[dict], points: int
     }
 
 
-def _row(defense: str, attack: str, eps: float, records: list[dict], metrics: dict[str, Metric], confidence: float) -> dict:
-    return {
+def _row(
+    defense: str, attack: str, eps: float, records: list[dict], metrics: dict[str, Metric], confidence: float,
+    class_names: list[str] | None,
+) -> dict:
+    row = {
         "defense": defense,
         "attack": attack,
         "epsilon": eps,
         "epsilon_label": epsilon_label(eps),
         "metrics": {n: _value(m.compute(records), confidence) for n, m in metrics.items()},
     }
+    table = per_class_table(records, class_names or [])
+    if table:
+        row["per_class"] = table
+    return row
 
 
 # -- validity -------------------------------------------------------------------------
@@ -154,18 +208,19 @@ def validity_checks(spec: Spec, jobs: list[Job], records: dict[str, list[dict]],
             f"(tolerance {BUDGET_TOLERANCE:.0e}); adversarial inputs outside [0, 1]: {out_of_range}",
         }
     ]
+    headline = "robust_dice" if spec.task.value == "segmentation" else "robust_accuracy"
     bumps = []
-    for defense in {r["defense"] for r in rows}:
+    for defense in sorted({r["defense"] for r in rows}):
         curve = [r for r in rows if r["defense"] == defense and r["attack"] == WORST_CASE]
-        values = [(r["epsilon_label"], (r["metrics"].get("robust_accuracy") or {}).get("value")) for r in curve]
+        values = [(r["epsilon_label"], (r["metrics"].get(headline) or {}).get("value")) for r in curve]
         for (e0, v0), (e1, v1) in zip(values, values[1:]):
             if v0 is not None and v1 is not None and v1 > v0 + 1e-12:
                 bumps.append(f"{defense}: {v0:.3f} at {e0} -> {v1:.3f} at {e1}")
-    if "robust_accuracy" in spec.metrics:
+    if headline in spec.metrics:
         checks.append(
             {
                 "id": "epsilon_monotonic",
-                "title": "Worst-case robust accuracy does not rise with epsilon",
+                "title": f"Worst-case {headline.replace('_', ' ')} does not rise with epsilon",
                 "status": WARN if bumps else PASS,
                 "gating": False,
                 "evidence": "; ".join(bumps) if bumps else "non-increasing for every defense",

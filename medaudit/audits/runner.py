@@ -21,17 +21,39 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import medaudit
 from medaudit.audits import rundir
 from medaudit.audits.plan import Job, check_model_access, plan_jobs
-from medaudit.audits.records import RecordWriter, is_done, read_records
+from medaudit.audits.records import RecordWriter, dense_scores, is_done, read_records, save_examples
 from medaudit.audits.results import acceptance, compute_results, validity_checks
 from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
-from medaudit.core.components import Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, component_info
+from medaudit.core.components import Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, Task, component_info
 from medaudit.core.environment import describe_environment, select_device
 from medaudit.core.models import SpeedWrapper, prepare_for_audit
 from medaudit.core.perturbation import project
-from medaudit.core.errors import DataError, EnvironmentProblem, ExitCode, MedauditError
+from medaudit.core.errors import DataError, EnvironmentProblem, ExitCode, MedauditError, SpecError
 from medaudit.core.host import Host
+from medaudit.reports.figures import classification_figures, segmentation_figures
 
 SCHEMA_VERSION = 1
+
+#: How the numbers are defined, stated in results.json and the report.
+CONVENTIONS = {
+    Task.CLASSIFICATION: [
+        "Only samples classified correctly when clean are attacked; the others count as errors.",
+        "Robust accuracy under worst_case: a sample counts only if it survives every attack at that epsilon.",
+        "Intervals: Wilson score intervals on proportions.",
+    ],
+    Task.SEGMENTATION: [
+        "Every case is attacked. A case's Dice, IoU and HD95 are means over the foreground classes (class 0 is background).",
+        "Empty masks: a class absent from both truth and prediction scores Dice 1, IoU 1, HD95 0; absent from exactly "
+        "one of them, Dice 0, IoU 0 and HD95 the image diagonal. So a lesion an attack creates in a healthy case counts.",
+        "HD95 is in pixels (voxels), or in mm when the data set gives a spacing.",
+        "Robust Dice under worst_case: each case takes its lowest Dice over the attacks at that epsilon.",
+        "Broken case (ROG, Daza et al. 2021): Dice under attack below half the mean clean Dice of the data set.",
+        "Targeted attacks: target_dice is the Dice between the prediction under attack and the attacker's target; "
+        "target_success_rate: over the cases whose target differs from the truth, the share where the prediction "
+        "under attack takes the target's label on at least 99% of the pixels the target changes.",
+        "Intervals: percentile bootstrap over cases (2000 resamples) on means; Wilson score intervals on proportions.",
+    ],
+}
 
 
 class Interrupted(MedauditError):
@@ -57,19 +79,41 @@ def job_seed(seed: int, job_id: str) -> int:
     return int(hashlib.sha256(f"{seed}:{job_id}".encode()).hexdigest()[:15], 16)
 
 
-def check_data_fits(data: LoadedData, model: LoadedModel) -> None:
+def check_data_fits(data: LoadedData, model: LoadedModel, task: Task) -> None:
     if len(data) == 0:
         raise NothingToEvaluate("the dataset is empty: nothing to evaluate")
     channels = data.images.shape[1]
     if channels not in (1, model.in_channels):
         raise DataError(f"images have {channels} channels but the model takes {model.in_channels}")
-    bad = (data.labels < 0) | (data.labels >= model.num_classes)
+    if task is Task.SEGMENTATION:
+        if data.masks is None:
+            raise DataError("segmentation needs masks, and the dataset has none")
+        if data.masks.shape[1:] != data.images.shape[2:] or len(data.masks) != len(data):
+            raise DataError(f"masks of shape {tuple(data.masks.shape)} do not match images of shape {tuple(data.images.shape)}")
+        labels, limit = data.masks.flatten(1), model.num_classes
+        bad = ((labels < 0) | (labels >= limit)).any(1)
+    else:
+        labels, limit = data.labels, model.num_classes
+        bad = (labels < 0) | (labels >= limit)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise DataError(
-            f"case {data.case_ids[i]}: label {int(data.labels[i])} is outside the model's "
-            f"{model.num_classes} classes"
-        )
+        value = int(labels[i][(labels[i] < 0) | (labels[i] >= limit)][0]) if labels.dim() > 1 else int(labels[i])
+        raise DataError(f"case {data.case_ids[i]}: label {value} is outside the model's {limit} classes")
+
+
+def check_dims(spec: Spec, host: Host, data: LoadedData) -> None:
+    """Refuse components that do not handle the data's dimensionality (2D images, 3D volumes)."""
+    dims = data.images.dim() - 2
+    refs = [("model", spec.model.loader, "model"), ("dataset", spec.data.dataset, "data")]
+    refs += [("attack", a.name, f"attacks[{i}]") for i, a in enumerate(spec.attacks)]
+    refs += [("defense", d.name, f"defenses[{i}]") for i, d in enumerate(spec.defenses)]
+    problems = [
+        f"{where}: {kind} {name!r} does not handle {dims}D data (it supports {', '.join(f'{d}D' for d in sorted(cls.dims))})"
+        for kind, name, where in refs
+        if dims not in (cls := host.get(kind, name)).dims
+    ]
+    if problems:
+        raise SpecError(problems, source="plan")
 
 
 class Runner:
@@ -96,7 +140,8 @@ class Runner:
         self.data = dataset_cls(dataset_cls.Params.model_validate(spec.data.params)).load()
         loader_cls = self.host.get("model", spec.model.loader)
         self.model = loader_cls(loader_cls.Params.model_validate(spec.model.params)).load(spec.task)
-        check_data_fits(self.data, self.model)
+        check_data_fits(self.data, self.model, spec.task)
+        check_dims(spec, self.host, self.data)
         check_model_access(spec, self.host, self.model)
         self.model.module.to(self.device)
         self.models = {NO_DEFENSE: self.model}
@@ -107,11 +152,17 @@ class Runner:
             self.models[ref.label] = defended
         self._apply_speed_switches()
         self.attacks: dict[str, Attack] = {}
-        context = AttackContext(data=self.data, load_dataset=self._load_dataset, device=self.device)
-        for ref in spec.attacks:
+        context = AttackContext(
+            data=self.data, load_dataset=self._load_dataset, device=self.device, task=spec.task,
+            num_classes=self.model.num_classes,
+        )
+        for i, ref in enumerate(spec.attacks):
             cls = self.host.get("attack", ref.name)
             self.attacks[ref.label] = attack = cls(cls.Params.model_validate(ref.params))
-            attack.prepare(context)
+            try:
+                attack.prepare(context)
+            except ValueError as exc:
+                raise SpecError([f"attacks[{i}]: attack {ref.label!r}: {exc}"], source="plan") from None
         self.jobs = plan_jobs(spec)
         self.fingerprints = {
             "spec_sha256": spec.digest(),
@@ -187,12 +238,13 @@ class Runner:
         started = time.perf_counter()
         model = self.models[job.defense].module
         n, bs = len(self.data), self.spec.runtime.batch_size
+        dense = self.spec.task is Task.SEGMENTATION
         attack: Attack | None = None
-        clean_pred = None
+        clean: list[dict] = []
         if not job.is_clean:
             attack = self.attacks[job.attack]
             clean_job = next(j for j in self.jobs if j.defense == job.defense and j.is_clean)
-            clean_pred = torch.tensor([r["clean_pred"] for r in read_records(self.run_dir, clean_job.id)])
+            clean = read_records(self.run_dir, clean_job.id)
         generator = torch.Generator(device=self.device).manual_seed(job_seed(self.spec.runtime.seed, job.id))
         torch.manual_seed(job_seed(self.spec.runtime.seed, job.id))
 
@@ -201,11 +253,16 @@ class Runner:
         try:
             for start in range(0, n, bs):
                 x = self.data.images[start : start + bs].to(self.device)
-                y = self.data.labels[start : start + bs].to(self.device)
-                if attack is None:
+                if dense:
+                    y = self.data.masks[start : start + bs].to(self.device)
+                    rows = self._dense_batch(model, attack, job, x, y, clean[start : start + bs], generator, start)
+                elif attack is None:
+                    y = self.data.labels[start : start + bs].to(self.device)
                     rows = self._clean_batch(model, x, y)
                 else:
-                    rows = self._attack_batch(model, attack, job, x, y, clean_pred[start : start + bs], generator, start)
+                    y = self.data.labels[start : start + bs].to(self.device)
+                    clean_pred = torch.tensor([r["clean_pred"] for r in clean[start : start + bs]])
+                    rows = self._attack_batch(model, attack, job, x, y, clean_pred, generator, start)
                 for row, case in zip(rows, self.data.case_ids[start : start + bs]):
                     row["case"] = case
                 writer.write(rows)
@@ -219,6 +276,45 @@ class Runner:
         seconds = time.perf_counter() - started
         rundir.log_event(self.run_dir, event="job", job=job.id, seconds=round(seconds, 3))
         return {"job": job.id, "seconds": seconds}
+
+    def _dense_batch(self, model, attack: Attack | None, job: Job, x, y, clean: list[dict], generator, start: int) -> list[dict]:
+        """Segmentation: every case is attacked (there is no 'already wrong' for a label map);
+        each record holds per-class overlap and distance scores, clean and under attack."""
+        num_classes, spacing = self.model.num_classes, self.data.spacing
+        x_adv, target = x, None
+        if attack is not None:
+            with torch.enable_grad():
+                x_adv = attack.perturb(model, x, y, eps=job.epsilon, norm=self.spec.threat_model.norm, generator=generator)
+            target = attack.target_masks(y)
+        with torch.inference_mode():
+            pred = model(x_adv).argmax(1)
+        scores = dense_scores(pred, y, num_classes, spacing)
+        delta = (x_adv - x).float()
+        sizes = {
+            "linf": _norm_of(delta, Norm.LINF).tolist(),
+            "l2": _norm_of(delta, Norm.L2).tolist(),
+            "in_range": ((x_adv >= 0) & (x_adv <= 1)).flatten(1).all(1).tolist(),
+        }
+        rows = []
+        for i in range(len(y)):
+            adv = {f"adv_{k}": v[i] for k, v in scores.items()}
+            base = {f"clean_{k}": v[i] for k, v in scores.items()} if attack is None else {
+                k: v for k, v in clean[i].items() if k.startswith("clean_")
+            }
+            rows.append({"attacked": attack is not None, **{k: v[i] for k, v in sizes.items()}, **base, **adv})
+        if target is not None:
+            target_scores = dense_scores(pred, target, num_classes, spacing, distances=False)
+            # The pixels the attacker wants changed, and the share of them it changed.
+            wanted = (target != y).flatten(1)
+            hit = ((pred == target).flatten(1) & wanted).sum(1) / wanted.sum(1).clamp_min(1)
+            for row, dice, acc, n_wanted, h in zip(
+                rows, target_scores["dice"], target_scores["pixel_accuracy"], wanted.sum(1).tolist(), hit.tolist()
+            ):
+                row.update(target_dice=dice, target_pixel_accuracy=acc, target_changed=n_wanted,
+                           target_hit=round(h, 6) if n_wanted else None)
+        if start == 0:
+            save_examples(self.run_dir, job.id, x, x_adv, y, pred, target)
+        return rows
 
     @staticmethod
     def _clean_batch(model, x, y) -> list[dict]:
@@ -291,12 +387,20 @@ class Runner:
 
     def build_results(self) -> dict[str, Any]:
         spec, host = self.spec, self.host
-        computed = compute_results(spec, host, self.jobs, self.run_dir)
+        data = self.data
+        dense = spec.task is Task.SEGMENTATION
+        computed = compute_results(spec, host, self.jobs, self.run_dir, data.mask_class_names if dense else data.class_names)
         checks = validity_checks(spec, self.jobs, computed["records"], computed["rows"])
         accepted = acceptance(spec, host, computed, checks)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
-        data = self.data
+        if dense:
+            figures = segmentation_figures(
+                self.run_dir, computed["rows"], self.jobs, spec.threat_model.epsilons, data.mask_class_names or [],
+                self.model.num_classes,
+            )
+        else:
+            figures = classification_figures(self.run_dir, computed["rows"])
         return {
             "schema_version": SCHEMA_VERSION,
             "medaudit_version": medaudit.__version__,
@@ -326,11 +430,13 @@ class Runner:
                 "description": data.description,
                 "n": len(data),
                 "image_shape": list(data.images.shape[1:]),
-                "class_names": data.class_names,
-                "class_counts": {
-                    data.class_names[k] if k < len(data.class_names) else str(k): v
-                    for k, v in sorted(Counter(data.labels.tolist()).items())
-                },
+                **(self._mask_summary() if dense else {
+                    "class_names": data.class_names,
+                    "class_counts": {
+                        data.class_names[k] if k < len(data.class_names) else str(k): v
+                        for k, v in sorted(Counter(data.labels.tolist()).items())
+                    },
+                }),
                 "sha256": data.fingerprint,
             },
             "threat_model": {
@@ -356,6 +462,8 @@ class Runner:
             "curves": computed["curves"],
             "validity": checks,
             "acceptance": accepted,
+            "figures": figures,
+            "conventions": CONVENTIONS[spec.task],
             "jobs": [
                 {"id": j.id, "title": j.title(), "defense": j.defense, "attack": j.attack, "epsilon": j.epsilon,
                  "seconds": seconds.get(j.id)}
@@ -365,6 +473,17 @@ class Runner:
             "environment": json.loads((self.run_dir / "environment.json").read_text(encoding="utf-8")),
             "seed": spec.runtime.seed,
             "spec": spec.model_dump(mode="json"),
+        }
+
+    def _mask_summary(self) -> dict[str, Any]:
+        """Class names and the share of cases in which each class occurs (segmentation)."""
+        data, k = self.data, self.model.num_classes
+        names = data.mask_class_names if data.mask_class_names and len(data.mask_class_names) == k else [f"class {i}" for i in range(k)]
+        present = torch.stack([(data.masks == c).flatten(1).any(1) for c in range(k)], 1).sum(0).tolist()
+        return {
+            "class_names": names,
+            "class_counts": {f"cases with {n}": v for n, v in zip(names, present)},
+            "spacing": list(data.spacing) if data.spacing else None,
         }
 
     def _provenance(self, kind: str, name: str) -> dict[str, Any]:

@@ -166,15 +166,15 @@ class Runtime(_Section):
         return self
 
 
-DEFAULT_METRICS = [
-    "clean_accuracy",
-    "robust_accuracy",
-    "attack_success_rate",
-    "perturbation_linf_mean",
-    "perturbation_linf_max",
-    "perturbation_l2_mean",
-    "perturbation_l2_max",
-]
+_PERTURBATION_METRICS = ["perturbation_linf_mean", "perturbation_linf_max", "perturbation_l2_mean", "perturbation_l2_max"]
+#: Metrics computed when a spec lists none, per task.
+DEFAULT_METRICS = {
+    Task.CLASSIFICATION: ["clean_accuracy", "robust_accuracy", "attack_success_rate", *_PERTURBATION_METRICS],
+    Task.SEGMENTATION: [
+        "clean_dice", "robust_dice", "clean_iou", "robust_iou", "clean_hd95", "robust_hd95", "clean_pixel_accuracy",
+        "robust_pixel_accuracy", "broken_case_rate", "target_dice", "target_success_rate", *_PERTURBATION_METRICS,
+    ],
+}
 
 
 class Spec(_Section):
@@ -187,10 +187,19 @@ class Spec(_Section):
     threat_model: ThreatModel
     attacks: list[AttackRef] = Field(min_length=1)
     defenses: list[DefenseRef] = Field(default_factory=list)
-    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
+    metrics: list[str] = Field(default_factory=list, description="Metrics to compute; default: the task's defaults.")
     acceptance: Acceptance = Field(default_factory=Acceptance)
     report: ReportOptions = Field(default_factory=ReportOptions)
     runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_metrics(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("metrics"):
+            task = data.get("task", Task.CLASSIFICATION)
+            if task in {t.value for t in Task} or isinstance(task, Task):
+                data = {**data, "metrics": list(DEFAULT_METRICS[Task(task)])}
+        return data
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "Spec":
@@ -308,9 +317,11 @@ def _check_components(source: Source, data: dict, host: Host, base_dir: Path, pr
 def _check_references(source: Source, spec: Spec, host: Host, problems: list[str]) -> None:
     """Names that refer to other parts of the spec or to registered metrics."""
     for i, name in enumerate(spec.metrics):
+        loc = ("metrics", i)
         if name not in host.components["metric"]:
-            loc = ("metrics", i)
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: {unknown_name_message('metric', name, host.components['metric'])}")
+        elif spec.task not in host.components["metric"][name].tasks:
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {name!r} does not support task {spec.task.value!r}")
     attack_labels = [a.label for a in spec.attacks]
     defense_labels = [NO_DEFENSE] + [d.label for d in spec.defenses]
     for i, crit in enumerate(spec.acceptance.criteria):
@@ -360,7 +371,7 @@ def spec_json_schema(host: Host) -> dict:
         data=(union("dataset", "dataset", {}), ...),
         attacks=(list[union("attack", "name", label)], Field(min_length=1)),
         defenses=(list[union("defense", "name", label)], []),
-        metrics=(list[Literal[tuple(sorted(host.components["metric"]))]], DEFAULT_METRICS),  # type: ignore[misc]
+        metrics=(list[Literal[tuple(sorted(host.components["metric"]))]], []),  # type: ignore[misc]
     )
     schema = schema_model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -132,6 +132,8 @@ class LoadedData:
     masks: "torch.Tensor | None" = None
     mask_class_names: list[str] | None = None
     description: str = ""
+    #: Voxel/pixel size in mm per spatial axis (D, H, W or H, W), for Hausdorff distances.
+    spacing: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -158,6 +160,9 @@ class AttackContext:
     #: universal perturbation on other images than the ones it is evaluated on.
     load_dataset: Callable[[str, dict[str, Any]], LoadedData]
     device: "torch.device"
+    task: Task = Task.CLASSIFICATION
+    #: Classes of the audited model's output (segmentation: classes of its label maps).
+    num_classes: int = 0
 
 
 class Attack(Component):
@@ -191,7 +196,14 @@ class Attack(Component):
 
     def prepare(self, context: AttackContext) -> None:
         """Called once before any job, before the run directory exists: load or check what
-        the attack needs beyond the batch here, so bad input fails early. Default: nothing."""
+        the attack needs beyond the batch here, so bad input fails early. Raise ValueError
+        for a setting that does not fit the audit (the runner reports it as a spec error).
+        Default: nothing."""
+
+    def target_masks(self, y: "torch.Tensor") -> "torch.Tensor | None":
+        """Targeted segmentation attacks return the label maps they steer the cases with
+        truth ``y`` towards, so the runner can score the prediction against them. Default: None."""
+        return None
 
 
 class MinimumNormAttack(Attack):
@@ -235,18 +247,22 @@ class Defense(Component):
 
 @dataclasses.dataclass(frozen=True)
 class MetricValue:
-    """A metric's estimate; ``successes``/``n`` are set for proportions (for intervals)."""
+    """A metric's estimate. Proportions set ``successes`` (Wilson intervals); means over
+    cases set ``per_case`` (bootstrap intervals over cases)."""
 
     value: float
     n: int
     successes: int | None = None
+    per_case: tuple[float, ...] | None = None
 
 
 class Metric(Component):
     """Computes one number from the per-sample records of one (defense, attack, eps) group.
 
-    Records are dicts with at least ``label``, ``clean_pred``, ``adv_pred``,
-    ``clean_correct``, ``adv_correct``, ``linf`` and ``l2`` (see ``medaudit.audits.records``).
+    Records are dicts, one per case (see ``medaudit.audits.records`` for the fields of
+    each task): classification records hold ``clean_correct`` and ``adv_correct``,
+    segmentation records per-class ``clean_dice`` and ``adv_dice``; all hold ``attacked``,
+    ``linf`` and ``l2``.
     """
 
     #: 'higher' or 'lower': which direction is better (used for worst cases and plots).

@@ -39,17 +39,23 @@ ENTRY_POINT_GROUP = "medaudit"
 #: Built-in plugin modules, registered exactly as vendor plugins are.
 BUILTIN_PLUGINS = (
     "medaudit.plugins.phantom",
+    "medaudit.plugins.image_folders",
+    "medaudit.plugins.nifti",
     "medaudit.plugins.timm_models",
+    "medaudit.plugins.segmentation_models",
     "medaudit.plugins.demo_model",
     "medaudit.plugins.gradient_attacks",
     "medaudit.plugins.iterative_attacks",
     "medaudit.plugins.minimum_norm",
     "medaudit.plugins.autoattack",
+    "medaudit.plugins.autoattack_seg",
+    "medaudit.plugins.segmentation_attacks",
     "medaudit.plugins.onepixel",
     "medaudit.plugins.watermark",
     "medaudit.plugins.universal",
     "medaudit.plugins.art_bridge",
     "medaudit.plugins.classification_metrics",
+    "medaudit.plugins.segmentation_metrics",
     "medaudit.plugins.report_sections",
 )
 

@@ -14,20 +14,45 @@ from medaudit.core.errors import ModelLoadError
 
 class PixelSpaceModel(nn.Module):
     """Maps pixel-space input in [0, 1] to logits: channel replication and normalisation
-    happen here, inside the differentiable graph, never in the data loader."""
+    happen here, inside the differentiable graph, never in the data loader. Works on
+    images (``N x C x H x W``) and volumes (``N x C x D x H x W``)."""
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], in_channels: int):
         super().__init__()
         self.net = net
         self.in_channels = in_channels
-        shape = (1, -1) + (1,) * 2
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(shape))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(shape))
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and self.in_channels > 1:
             x = x.expand(-1, self.in_channels, *x.shape[2:])
-        return self.net((x - self.mean) / self.std)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self.net((x - self.mean.view(shape)) / self.std.view(shape))
+
+
+class SlidingWindow(nn.Module):
+    """Runs a dense model patch-wise over inputs larger than its patch size and blends the
+    patches' logits (MONAI's sliding-window inference, Gaussian weights). It is plain torch
+    on the forward pass, so attacks differentiate through it to the whole input."""
+
+    def __init__(self, inner: nn.Module, patch_size: Sequence[int], overlap: float = 0.25, batch_size: int = 4):
+        super().__init__()
+        self.inner = inner
+        self.patch_size = tuple(patch_size)
+        self.overlap = overlap
+        self.batch_size = batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        if len(self.patch_size) != x.dim() - 2:
+            raise ValueError(f"patch size {self.patch_size} does not match input of shape {tuple(x.shape)}")
+        if all(s <= p for s, p in zip(x.shape[2:], self.patch_size)):
+            return self.inner(x)
+        return sliding_window_inference(
+            x, self.patch_size, self.batch_size, self.inner, overlap=self.overlap, mode="gaussian"
+        )
 
 
 class SpeedWrapper(nn.Module):

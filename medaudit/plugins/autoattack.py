@@ -64,19 +64,24 @@ def checkpoints(steps: int) -> set[int]:
     return out - {0}
 
 
-def apgd(
-    objective: Objective, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: Norm, steps: int, rho: float,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One APGD run from a random start.
+#: ``score(logits, loss) -> per-sample score``: lower is better for the attacker; APGD
+#: returns, per sample, the first iterate that reached its lowest score.
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    Returns, per sample, the first iterate that is misclassified (else the highest-loss
-    iterate), whether one was, and the highest loss reached.
+
+def apgd_search(
+    objective: Objective, x: torch.Tensor, *, eps: float, norm: Norm, steps: int, rho: float,
+    generator: torch.Generator, score: Score,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One APGD run from a random start (the step-size schedule follows the loss).
+
+    Returns, per sample, the first iterate with the lowest ``score``, that score, and the
+    highest loss reached. Classification scores the first misclassified iterate lowest
+    (see :func:`apgd`); segmentation scores iterates by their Dice.
     """
     x_adv = random_start(x, eps, norm, generator)
     logits, loss, grad = objective(x_adv)
-    fooled = logits.argmax(1) != y
-    x_first = x_adv.clone()
+    x_keep, keep = x_adv.clone(), score(logits, loss)
     x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
 
     # Step size 2 * eps, halved per sample at the checkpoints.
@@ -84,7 +89,7 @@ def apgd(
     checks, last_check = checkpoints(steps), 0
     loss_prev, n_increased = loss, torch.zeros_like(loss)
     loss_best_at_check = loss_best.clone()
-    halved_at_check = torch.ones_like(fooled)  # so the second rule cannot fire at the first checkpoint
+    halved_at_check = torch.ones_like(loss, dtype=torch.bool)  # so the second rule cannot fire at the first checkpoint
     x_prev = x_adv
     for i in range(steps):
         # Heavy-ball step: alpha = 0.75, except the first step (alpha = 1).
@@ -93,9 +98,10 @@ def apgd(
         x_prev, x_adv = x_adv, project(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - x_prev), x, eps, norm)
 
         logits, loss, grad = objective(x_adv)
-        newly = (logits.argmax(1) != y) & ~fooled
-        x_first = torch.where(_col(newly, x), x_adv, x_first)
-        fooled |= newly
+        current = score(logits, loss)
+        lower = current < keep
+        x_keep = torch.where(_col(lower, x), x_adv, x_keep)
+        keep = torch.where(lower, current, keep)
         better = loss > loss_best
         x_best = torch.where(_col(better, x), x_adv, x_best)
         grad_best = torch.where(_col(better, x), grad, grad_best)
@@ -116,7 +122,28 @@ def apgd(
             halved_at_check, loss_best_at_check = halve, loss_best.clone()
             n_increased = torch.zeros_like(n_increased)
             last_check = i + 1
-    return torch.where(_col(fooled, x), x_first, x_best).detach(), fooled, loss_best
+    return x_keep.detach(), keep, loss_best
+
+
+def apgd(
+    objective: Objective, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: Norm, steps: int, rho: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One APGD run from a random start, for classification.
+
+    Returns, per sample, the first iterate that is misclassified (else the highest-loss
+    iterate), whether one was, and the highest loss reached.
+    """
+
+    def score(logits, loss):
+        # -inf once misclassified (the first such iterate is kept), else -loss (the
+        # highest-loss iterate is kept); an infinite loss stays above -inf.
+        return torch.where(logits.argmax(1) != y, float("-inf"), (-loss).clamp_min(torch.finfo(loss.dtype).min))
+
+    x_adv, keep, loss_best = apgd_search(
+        objective, x, eps=eps, norm=norm, steps=steps, rho=rho, generator=generator, score=score
+    )
+    return x_adv, torch.isneginf(keep), loss_best
 
 
 def _on_unfooled(

@@ -1,4 +1,5 @@
-"""Built-in classification metrics computed from per-sample records.
+"""Built-in classification metrics (and perturbation sizes, for both tasks) computed from
+per-sample records.
 
 Proportions carry their counts so that the results can give Wilson confidence intervals.
 """
@@ -6,7 +7,7 @@ Proportions carry their counts so that the results can give Wilson confidence in
 from __future__ import annotations
 
 from medaudit import hookimpl
-from medaudit.core.components import Metric, MetricValue
+from medaudit.core.components import Metric, MetricValue, Task
 
 
 def _proportion(flags: list[bool]) -> MetricValue | None:
@@ -53,6 +54,7 @@ class _NormStat(Metric):
     better = "lower"
     field = ""
     reduce = "mean"
+    tasks = frozenset(Task)
 
     def compute(self, records):
         values = [r[self.field] for r in records if r["attacked"]]

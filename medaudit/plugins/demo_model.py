@@ -1,4 +1,5 @@
-"""Built-in model loader ``demo``: a small timm classifier trained on ``phantom`` slices.
+"""Built-in model loaders ``demo`` (a small timm classifier) and ``demo-unet`` (a small
+2D or 3D U-Net), trained on ``phantom`` data.
 
 Nothing can be downloaded, so the example audit trains its own model on first use (about
 ten seconds on two CPU cores) and caches the checkpoint under the user's cache folder,
@@ -15,6 +16,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -22,6 +24,7 @@ from pydantic import Field
 from medaudit import hookimpl
 from medaudit.core.components import LoadedModel, ModelLoader, Params, Task
 from medaudit.plugins.phantom import PhantomParams, make_phantoms
+from medaudit.plugins.segmentation_models import FactoryLoader, FactoryParams, SmpLoader, SmpParams, build_smp
 from medaudit.plugins.timm_models import TimmLoader, TimmParams, build_timm
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,20 @@ def _timm_params(p: DemoParams, checkpoint: Path | None) -> TimmParams:
     )
 
 
+def save_atomic(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        torch.save(state, tmp)
+    os.replace(tmp.name, path)
+
+
+def cached_checkpoint(prefix: str, config: dict) -> Path:
+    """Cache path keyed by the training config and recipe version."""
+    config = dict(config, recipe=RECIPE_VERSION)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"{prefix}-{key}.pt"
+
+
 def train_demo(p: DemoParams, path: Path) -> None:
     """Train on phantom slices and write the state dict atomically to ``path``."""
     torch.manual_seed(p.seed)
@@ -72,10 +89,7 @@ def train_demo(p: DemoParams, path: Path) -> None:
             opt.step()
             sched.step()
         log.info("demo model: epoch %d/%d, loss %.3f", epoch + 1, p.epochs, loss.item())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        torch.save(model.net.state_dict(), tmp)
-    os.replace(tmp.name, path)
+    save_atomic(model.net.state_dict(), path)
 
 
 class DemoModel(ModelLoader):
@@ -86,9 +100,7 @@ class DemoModel(ModelLoader):
     Params = DemoParams
 
     def checkpoint_path(self) -> Path:
-        config = dict(self.params.model_dump(), recipe=RECIPE_VERSION)
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        return cache_dir() / f"demo-{self.params.arch}-{key}.pt"
+        return cached_checkpoint(f"demo-{self.params.arch}", self.params.model_dump())
 
     def load(self, task: Task) -> LoadedModel:
         path = self.checkpoint_path()
@@ -100,6 +112,104 @@ class DemoModel(ModelLoader):
         return loaded
 
 
+# -- demo-unet ------------------------------------------------------------------------
+
+#: The five phantom structures: background, body, lung, bone, nodule.
+SEG_CLASSES = 5
+
+
+class DemoUNetParams(Params):
+    dims: Literal[2, 3] = Field(2, description="2: smp U-Net on slices; 3: MONAI 3D U-Net on volumes.")
+    image_size: int = Field(64, ge=16, le=512, description="Height and width of the phantoms it is trained on.")
+    depth: int = Field(16, ge=8, le=256, description="3D only: slices per training volume.")
+    train_size: int = Field(512, ge=16, le=100_000, description="Number of training slices (volumes).")
+    steps: int = Field(200, ge=1, le=100_000, description="Optimiser steps (batches of 16 slices or 2 volumes).")
+    seed: int = Field(0, ge=0, description="Seed of the training data and the initialisation.")
+    patch_size: list[int] | None = Field(
+        None, description="Audit time: run the model patch-wise with this patch size on larger inputs (sliding window)."
+    )
+
+    def training_config(self) -> dict:
+        """What the trained weights depend on (the cache key): not the audit-time patch size."""
+        return self.model_dump(exclude={"patch_size"})
+
+
+def _unet_2d_params(checkpoint: Path | None, patch_size: list[int] | None = None) -> SmpParams:
+    return SmpParams.model_validate(
+        dict(arch="Unet", encoder="tu-test_resnet", encoder_depth=4, decoder_channels=[32, 16, 8, 8],
+             in_channels=1, classes=SEG_CLASSES, mean=[0.5], std=[0.25], checkpoint=checkpoint, patch_size=patch_size)
+    )
+
+
+def _unet_3d_params(checkpoint: Path | None, patch_size: list[int] | None = None) -> FactoryParams:
+    return FactoryParams.model_validate(
+        dict(factory="monai.networks.nets:UNet", in_channels=1, classes=SEG_CLASSES, mean=[0.5], std=[0.25],
+             kwargs=dict(spatial_dims=3, in_channels=1, out_channels=SEG_CLASSES, channels=[8, 16, 32], strides=[2, 2],
+                         num_res_units=1),
+             checkpoint=checkpoint, patch_size=patch_size)
+    )
+
+
+def train_demo_unet(p: DemoUNetParams, path: Path) -> None:
+    """Train on phantom label maps (cross-entropy + soft Dice) and save the state dict."""
+    from medaudit.core.segmentation import soft_dice_loss
+
+    torch.manual_seed(p.seed)
+    if p.dims == 2:
+        net = build_smp(_unet_2d_params(None))
+        phantoms = PhantomParams(n=p.train_size, size=p.image_size, seed=TRAIN_SEED_OFFSET + p.seed)
+        batch = 16
+    else:
+        net = FactoryLoader(_unet_3d_params(None)).load(Task.SEGMENTATION).module.net
+        for param in net.parameters():
+            param.requires_grad_(True)
+        phantoms = PhantomParams(n=p.train_size, size=p.image_size, depth=p.depth, seed=TRAIN_SEED_OFFSET + p.seed)
+        batch = 2
+    x, _, masks = make_phantoms(phantoms)
+    x = (x - 0.5) / 0.25  # the normalisation PixelSpaceModel applies at audit time
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=p.steps)
+    g = torch.Generator().manual_seed(p.seed)
+    net.train()
+    for step in range(p.steps):
+        idx = torch.randint(0, p.train_size, (batch,), generator=g)
+        logits = net(x[idx])
+        loss = torch.nn.functional.cross_entropy(logits, masks[idx]) + soft_dice_loss(logits, masks[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 50 == 0:
+            log.info("demo-unet: step %d/%d, loss %.3f", step + 1, p.steps, loss.item())
+    save_atomic(net.state_dict(), path)
+
+
+class DemoUNet(ModelLoader):
+    """A small U-Net (2D smp, or 3D MONAI) segmenting phantom structures, trained on first use, then cached."""
+
+    name = "demo-unet"
+    tasks = frozenset({Task.SEGMENTATION})
+    dims = frozenset({2, 3})
+    Params = DemoUNetParams
+
+    def checkpoint_path(self) -> Path:
+        return cached_checkpoint(f"demo-unet{self.params.dims}d", self.params.training_config())
+
+    def load(self, task: Task) -> LoadedModel:
+        p: DemoUNetParams = self.params
+        path = self.checkpoint_path()
+        if not path.is_file():
+            log.warning("training the demo U-Net once (cached at %s)", path)
+            train_demo_unet(p, path)
+        if p.dims == 2:
+            loaded = SmpLoader(_unet_2d_params(path, p.patch_size)).load(task)
+        else:
+            loaded = FactoryLoader(_unet_3d_params(path, p.patch_size)).load(task)
+        loaded.description = f"demo-unet: {loaded.description}, trained on {p.train_size} phantom {'slices' if p.dims == 2 else 'volumes'}"
+        return loaded
+
+
 @hookimpl
 def register_models(register):
     register(DemoModel)
+    register(DemoUNet)

@@ -7,16 +7,24 @@ freezes the model's parameters). Images are in [0, 1]; epsilon is in that unit.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, Norm, Params
-from medaudit.core.perturbation import ascent_step, input_gradient, project, random_start
+from medaudit.core.components import Attack, Norm, Params, Task
+from medaudit.core.perturbation import WorstIterate, ascent_step, input_gradient, project, random_start
+
+
+LOSS_DESCRIPTION = (
+    "Segmentation loss to ascend: per-pixel cross-entropy averaged over the image ('ce') or the "
+    "soft Dice loss ('dice'). Classification always uses cross-entropy."
+)
 
 
 class FGSMParams(Params):
-    pass
+    loss: Literal["ce", "dice"] = Field("ce", description=LOSS_DESCRIPTION)
 
 
 class FGSM(Attack):
@@ -25,18 +33,20 @@ class FGSM(Attack):
     Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples",
     ICLR 2015, https://arxiv.org/abs/1412.6572. Untargeted, white box (gradients).
     L-inf: ``x + eps * sign(grad)``; L2 (the fast gradient method): ``x + eps * grad / ||grad||``.
-    Works on any input shape (2D images and 3D volumes). No parameters.
+    Task-aware: for segmentation the loss is the per-pixel cross-entropy averaged over the
+    image (or the soft Dice loss, ``loss: dice``). Works on 2D images and 3D volumes.
     """
 
     name = "fgsm"
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
+    tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     Params = FGSMParams
 
     def perturb(self, model, x, y, *, eps, norm, generator):
         if eps == 0:
             return x.clone()
-        _, grad = input_gradient(model, x, y)
+        _, grad = input_gradient(model, x, y, self.params.loss)
         return project(ascent_step(x, grad, eps, norm), x, eps, norm)
 
 
@@ -47,6 +57,7 @@ class PGDParams(Params):
     )
     random_start: bool = Field(True, description="Start from a random point of the eps-ball.")
     restarts: int = Field(1, ge=1, le=100, description="Independent restarts; each sample keeps its worst case.")
+    loss: Literal["ce", "dice"] = Field("ce", description=LOSS_DESCRIPTION)
 
 
 class PGD(Attack):
@@ -57,12 +68,15 @@ class PGD(Attack):
     L-inf (sign steps) or L2 (normalised-gradient steps). Defaults: 10 steps of
     2.5 * eps / 10, one random start. Every iterate is checked: a sample keeps the first
     iterate that fools the model, in any restart (so more restarts never weaken it).
-    Works on any input shape (2D images and 3D volumes).
+    Task-aware: for segmentation it ascends the per-pixel cross-entropy averaged over the
+    image (ROG's volumetric loss; or the soft Dice loss, ``loss: dice``) and each case
+    keeps the iterate with the lowest foreground Dice. Works on 2D images and 3D volumes.
     """
 
     name = "pgd"
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
+    tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     Params = PGDParams
 
     def perturb(self, model, x, y, *, eps, norm, generator):
@@ -70,26 +84,18 @@ class PGD(Attack):
         if eps == 0:
             return x.clone()
         step = p.step_size if p.step_size is not None else 2.5 * eps / p.steps
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        best = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        worst = WorstIterate(x, y)
         for restart in range(p.restarts):
             x_adv = random_start(x, eps, norm, generator) if p.random_start else x.clone()
             for _ in range(p.steps):
-                logits, grad = input_gradient(model, x_adv, y)
-                newly = (logits.argmax(1) != y) & ~fooled
-                best = torch.where(newly.view(shape), x_adv, best)
-                fooled |= newly
+                logits, grad = input_gradient(model, x_adv, y, p.loss)
+                worst.observe(x_adv, logits)
                 x_adv = project(ascent_step(x_adv, grad, step, norm), x, eps, norm)
             if restart < p.restarts - 1:
                 # The last iterate is judged here only when another restart could replace it.
                 with torch.no_grad():
-                    newly = (model(x_adv).argmax(1) != y) & ~fooled
-                best = torch.where(newly.view(shape), x_adv, best)
-                fooled |= newly
-            else:
-                best = torch.where(fooled.view(shape), best, x_adv)
-        return best.detach()
+                    worst.observe(x_adv, model(x_adv))
+        return worst.result(model, x_adv)
 
 
 @hookimpl

@@ -15,30 +15,23 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, Norm, Params
-from medaudit.core.perturbation import ascent_step, input_gradient, project
+from medaudit.core.components import Attack, Norm, Params, Task
+from medaudit.core.perturbation import WorstIterate, ascent_step, input_gradient, project
 
 #: Maps the current iterate and its input gradient to the next iterate.
 Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def iterate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, update: Update) -> torch.Tensor:
-    """Run ``steps`` gradient iterations from ``x``.
-
-    Each sample keeps the first iterate that fools the model (the start included), so
-    more steps never weaken the attack; samples never fooled get the final iterate.
-    """
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    best = x.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    """Run ``steps`` gradient iterations from ``x``; each sample keeps the iterate on which
+    the model does worst (:class:`~medaudit.core.perturbation.WorstIterate`)."""
+    worst = WorstIterate(x, y)
     x_adv = x.clone()
     for _ in range(steps):
         logits, grad = input_gradient(model, x_adv, y)
-        newly = (logits.argmax(1) != y) & ~fooled
-        best = torch.where(newly.view(shape), x_adv, best)
-        fooled |= newly
+        worst.observe(x_adv, logits)
         x_adv = update(x_adv, grad)
-    return torch.where(fooled.view(shape), best, x_adv).detach()
+    return worst.result(model, x_adv)
 
 
 def _per_sample_l1(t: torch.Tensor) -> torch.Tensor:
@@ -105,10 +98,12 @@ class BIM(Attack):
     (sign steps) or L2 (normalised-gradient steps). It is PGD without a random start, so
     it is deterministic. Defaults: 10 steps of eps / 10 (the paper used steps of 1/255).
     Every iterate is checked: a sample keeps the first iterate that fools the model.
-    Works on any input shape (2D images and 3D volumes).
+    Task-aware like ``pgd`` (per-pixel cross-entropy for segmentation). Works on 2D images
+    and 3D volumes.
     """
 
     name = "bim"
+    tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = BIMParams
@@ -149,6 +144,7 @@ class MIFGSM(Attack):
     """
 
     name = "mifgsm"
+    tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = MIFGSMParams
@@ -195,6 +191,7 @@ class TIFGSM(Attack):
     """
 
     name = "tifgsm"
+    tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2})
     Params = TIFGSMParams

@@ -18,6 +18,7 @@ from markupsafe import Markup
 import medaudit
 from medaudit.audits.rundir import write_atomic
 from medaudit.core.host import Host
+from medaudit.reports.figures import data_uri
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -40,6 +41,8 @@ def metric_text(value: dict | None) -> str:
     """``87.5% [80.1%, 92.4%]`` for proportions, a plain number otherwise."""
     if not value:
         return "–"
+    if value.get("interval") == "bootstrap":
+        return f"{_num(value['value'], 3)} [{_num(value['ci_low'], 3)}, {_num(value['ci_high'], 3)}]"
     if "ci_low" in value:
         return f"{_pct(value['value'])} [{_pct(value['ci_low'])}, {_pct(value['ci_high'])}]"
     return _num(value["value"])
@@ -52,13 +55,20 @@ def make_environment(extra_dirs: list[Path] = ()) -> jinja2.Environment:
     return env
 
 
-def render_report(results: dict, host: Host) -> str:
+def render_report(results: dict, host: Host, run_dir: Path | None = None) -> str:
+    """Render the report; figures listed in results.json are read from ``run_dir`` and
+    embedded as data URIs (a missing figure file is left out)."""
     task = results["audit"]["task"]
     section_classes = sorted(
         (cls for cls in host.components["report_section"].values() if task in {t.value for t in cls.tasks}),
         key=lambda cls: (cls.order, cls.name),
     )
     env = make_environment([cls.template_dir for cls in section_classes if cls.template_dir])
+    env.globals["figures"] = [
+        {**f, "uri": data_uri(run_dir, f["path"])}
+        for f in results.get("figures", [])
+        if run_dir is not None and (Path(run_dir) / f["path"]).is_file()
+    ]
     sections = []
     for cls in section_classes:
         html = cls().render(results, env)
@@ -70,5 +80,5 @@ def render_report(results: dict, host: Host) -> str:
 
 def write_report(results: dict, run_dir: Path, host: Host) -> Path:
     path = Path(run_dir) / "report.html"
-    write_atomic(path, render_report(results, host))
+    write_atomic(path, render_report(results, host, run_dir))
     return path
