@@ -161,13 +161,16 @@ def init(path: Path, force: bool) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @handle_errors
 def report(run_dir: Path) -> None:
-    """Re-render RUN_DIR/report.html from its results.json, without rerunning."""
+    """Re-render RUN_DIR/report.html and junit.xml from its results.json, without rerunning."""
     from medaudit.reports.html import write_report
+    from medaudit.reports.junit import write_junit
 
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise MedauditError(f"{run_dir}: no results.json (the run did not finish; resume it with medaudit run SPEC --resume {run_dir})")
-    path = write_report(json.loads(results_path.read_text(encoding="utf-8")), run_dir, _host())
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    path = write_report(results, run_dir, _host())
+    write_junit(results, run_dir)
     click.echo(f"report: {path}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -72,21 +73,32 @@ def test_results_follow_the_definitions(write_spec, tmp_path):
     assert ci[0] <= clean["value"] <= ci[1] and clean["n"] == 48
 
 
+def junit_outcomes(out: Path) -> dict[str, str]:
+    """Test case name -> 'failure', 'error', 'skipped' or 'passed', from the run's junit.xml."""
+    [path] = list(out.rglob("junit.xml"))
+    outcomes = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        kinds = [k for k in ("failure", "error", "skipped") if case.find(k) is not None]
+        outcomes[case.get("name").split(":")[0]] = kinds[0] if kinds else "passed"
+    return outcomes
+
+
 @pytest.mark.parametrize(
-    "criterion,code",
+    "criterion,code,junit",
     [
-        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.5}", ExitCode.PASS),
-        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.999, statistic: point}", ExitCode.FAIL),
-        ("{id: A, metric: robust_accuracy, epsilon: 4/255, op: '>=', threshold: 0.9}", ExitCode.FAIL),
-        ("{id: A, metric: robust_accuracy, epsilon: 4/255, op: '>=', threshold: 0.9, severity: advisory}", ExitCode.PASS),
-        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.5, min_n: 1000}", ExitCode.INCONCLUSIVE),
+        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.5}", ExitCode.PASS, "passed"),
+        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.999, statistic: point}", ExitCode.FAIL, "failure"),
+        ("{id: A, metric: robust_accuracy, epsilon: 4/255, op: '>=', threshold: 0.9}", ExitCode.FAIL, "failure"),
+        ("{id: A, metric: robust_accuracy, epsilon: 4/255, op: '>=', threshold: 0.9, severity: advisory}", ExitCode.PASS, "skipped"),
+        ("{id: A, metric: clean_accuracy, op: '>=', threshold: 0.5, min_n: 1000}", ExitCode.INCONCLUSIVE, "error"),
     ],
 )
-def test_exit_code_follows_acceptance(criterion, code, write_spec, tmp_path):
+def test_exit_code_and_junit_follow_acceptance(criterion, code, junit, write_spec, tmp_path):
     spec = write_spec(acceptance=f"acceptance:\n  criteria:\n    - {criterion}", attacks="attacks:\n  - name: fgsm")
     result = run_cli(str(spec), "--output-dir", str(tmp_path))
     assert result.exit_code == code, result.output
     assert results_of(tmp_path)["exit_code"] == code
+    assert junit_outcomes(tmp_path) == {"A": junit, "budget_respected": "passed", "epsilon_monotonic": "passed"}
 
 
 def test_no_criteria_means_nothing_assessed(write_spec, tmp_path):
@@ -119,6 +131,7 @@ def test_budget_violation_makes_the_audit_invalid(write_spec, tmp_path):
     assert outcome.results["verdict"] == "INVALID" and outcome.exit_code == ExitCode.INVALID
     [check] = [c for c in outcome.results["validity"] if c["id"] == "budget_respected"]
     assert check["status"] == "FAIL"
+    assert junit_outcomes(tmp_path)["budget_respected"] == "failure"
 
 
 class StopAfter:

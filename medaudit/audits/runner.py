@@ -230,6 +230,10 @@ class Runner:
             from medaudit.reports.html import write_report
 
             write_report(results, run_dir, self.host)
+        if "junit" in self.spec.report.formats:
+            from medaudit.reports.junit import write_junit
+
+            write_junit(results, run_dir)
         rundir.log_event(run_dir, event="finished", verdict=results["acceptance"]["verdict"])
         self.host.pm.hook.audit_finished(results=results, run_dir=run_dir)
         return Outcome(run_dir, results)

@@ -140,7 +140,10 @@ class Acceptance(_Section):
 
 class ReportOptions(_Section):
     title: str | None = None
-    formats: list[Literal["html", "json"]] = Field(default_factory=lambda: ["html", "json"])
+    formats: list[Literal["html", "json", "junit"]] = Field(
+        default_factory=lambda: ["html", "json", "junit"],
+        description="Outputs besides results.json: report.html, and junit.xml (criteria as test cases for CI).",
+    )
 
 
 class Runtime(_Section):
