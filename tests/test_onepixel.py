@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import medaudit.plugins.onepixel
 from medaudit.core.components import Access, Norm
 from medaudit.core.host import get_host
 from medaudit.plugins.onepixel import OnePixel, OnePixelParams

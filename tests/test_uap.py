@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import medaudit.plugins.universal
 from medaudit.core.components import AttackContext, Norm
 from medaudit.core.errors import DataError
 from medaudit.core.host import get_host

@@ -87,7 +87,6 @@ class Host:
 
     def _collect(self) -> None:
         for kind, (base, hook_name) in KINDS.items():
-            table = self.components[kind]
             caller = getattr(self.pm.hook, hook_name)
             # Call each implementation on its own so every component knows its plugin.
             for impl in caller.get_hookimpls():

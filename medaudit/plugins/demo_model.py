@@ -141,12 +141,14 @@ def _unet_2d_params(checkpoint: Path | None, patch_size: list[int] | None = None
     )
 
 
+#: The 3D demo network: ``monai.networks.nets.UNet(**UNET_3D)``.
+UNET_3D = dict(spatial_dims=3, in_channels=1, out_channels=SEG_CLASSES, channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
+
+
 def _unet_3d_params(checkpoint: Path | None, patch_size: list[int] | None = None) -> FactoryParams:
     return FactoryParams.model_validate(
         dict(factory="monai.networks.nets:UNet", in_channels=1, classes=SEG_CLASSES, mean=[0.5], std=[0.25],
-             kwargs=dict(spatial_dims=3, in_channels=1, out_channels=SEG_CLASSES, channels=[8, 16, 32], strides=[2, 2],
-                         num_res_units=1),
-             checkpoint=checkpoint, patch_size=patch_size)
+             kwargs=UNET_3D, checkpoint=checkpoint, patch_size=patch_size)
     )
 
 
@@ -160,9 +162,9 @@ def train_demo_unet(p: DemoUNetParams, path: Path) -> None:
         phantoms = PhantomParams(n=p.train_size, size=p.image_size, seed=TRAIN_SEED_OFFSET + p.seed)
         batch = 16
     else:
-        net = FactoryLoader(_unet_3d_params(None)).load(Task.SEGMENTATION).module.net
-        for param in net.parameters():
-            param.requires_grad_(True)
+        from monai.networks.nets import UNet
+
+        net = UNet(**UNET_3D)
         phantoms = PhantomParams(n=p.train_size, size=p.image_size, depth=p.depth, seed=TRAIN_SEED_OFFSET + p.seed)
         batch = 2
     x, _, masks = make_phantoms(phantoms)

@@ -51,6 +51,24 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+class FirstSuccess:
+    """Per case: the first iterate whose pixel accuracy to the target reaches ``success``,
+    else the most accurate so far (ASMA's and MSA's rule). ``done`` freezes a case."""
+
+    def __init__(self, x: torch.Tensor, success: float):
+        self.success = success
+        self.best = x.clone()
+        self.best_acc = torch.full((x.shape[0],), -1.0, device=x.device)
+        self.done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def observe(self, x_adv: torch.Tensor, acc: torch.Tensor) -> None:
+        success = (acc >= self.success) & ~self.done
+        keep = success | (~self.done & (acc > self.best_acc))
+        self.best = torch.where(_bcast(keep, x_adv), x_adv, self.best)
+        self.best_acc = torch.where(keep, acc, self.best_acc)
+        self.done = self.done | success
+
+
 def feasible(direction: torch.Tensor, x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
     """``direction`` (the change about to be added to ``x_adv``) with the components that
     push a coordinate already at a bound (0, 1, or the L-inf eps-ball) further out zeroed.
@@ -174,12 +192,9 @@ class ASMA(_TargetedSegmentationAttack):
         if eps == 0:
             return x.clone()
         t = self.target_masks(y).to(x.device)
-        n = x.shape[0]
         x_adv = x.clone()
-        best = x.clone()
-        best_acc = torch.full((n,), -1.0, device=x.device)
-        done = torch.zeros(n, dtype=torch.bool, device=x.device)
-        tau_n = torch.full((n,), p.tau, device=x.device)
+        kept = FirstSuccess(x, p.success)
+        tau_n = torch.full((x.shape[0],), p.tau, device=x.device)
         accs, ious = [], []
         for step in range(p.steps + 1):
             x_in = x_adv.detach().requires_grad_(True)
@@ -191,14 +206,10 @@ class ASMA(_TargetedSegmentationAttack):
                 accs.append(acc)
                 ious.append(iou)
                 # Book-keeping on X_n: the first success is kept, else the best so far.
-                success = (acc >= p.success) & ~done
-                keep = success | (~done & (acc > best_acc))
-                best = torch.where(_bcast(keep, x), x_adv, best)
-                best_acc = torch.where(keep, acc, best_acc)
-                done = done | success
+                kept.observe(x_adv, acc)
                 if step == p.steps:
                     break
-                if (step + 1) % SYNC_EVERY == 0 and bool(done.all()):
+                if (step + 1) % SYNC_EVERY == 0 and bool(kept.done.all()):
                     break
                 if step > 0:
                     tau_n = p.beta * iou + p.tau
@@ -207,9 +218,9 @@ class ASMA(_TargetedSegmentationAttack):
                 dist = (x_in - x).flatten(1).pow(2).sum(1)
                 (grad,) = torch.autograd.grad((l_pred - dist).sum(), x_in)
             x_new = project(x_adv + _bcast(tau_n, x) * grad, x, eps, norm)
-            x_adv = torch.where(_bcast(done, x), x_adv, x_new).detach()
+            x_adv = torch.where(_bcast(kept.done, x), x_adv, x_new).detach()
         self.trace = {"pixel_accuracy": torch.stack(accs), "iou": torch.stack(ious)}
-        return best.detach()
+        return kept.best.detach()
 
 
 # -- DAG ------------------------------------------------------------------------------
@@ -460,7 +471,6 @@ class MSA(_TargetedSegmentationAttack):
         return chosen
 
     def perturb(self, model, x, y, *, eps, norm, generator):
-        p: MSAParams = self.params
         if eps == 0:
             return x.clone()
         t, index = self._maker().choose(y.to(x.device))
@@ -492,13 +502,10 @@ class MSA(_TargetedSegmentationAttack):
 
     def _run(self, model, x, t, reference, captured, eps, norm):
         p: MSAParams = self.params
-        n = x.shape[0]
         w = p.feature_weight / len(reference) if reference else 0.0
         alpha = p.alpha * (x[0].numel() ** 0.5 if p.step_units == "pixel_rms" else 1.0)
         x_adv = x.clone()
-        best = x.clone()
-        best_acc = torch.full((n,), -1.0, device=x.device)
-        done = torch.zeros(n, dtype=torch.bool, device=x.device)
+        kept = FirstSuccess(x, p.success)
         accs = []
         for step in range(p.steps + 1):
             for c in captured:
@@ -508,14 +515,10 @@ class MSA(_TargetedSegmentationAttack):
                 logits = model(x_in)
                 acc = pixel_accuracy(logits.argmax(1), t)
                 accs.append(acc)
-                success = (acc >= p.success) & ~done
-                keep = success | (~done & (acc > best_acc))
-                best = torch.where(_bcast(keep, x), x_adv, best)
-                best_acc = torch.where(keep, acc, best_acc)
-                done = done | success
+                kept.observe(x_adv, acc)
                 if step == p.steps:
                     break
-                if (step + 1) % SYNC_EVERY == 0 and bool(done.all()):
+                if (step + 1) % SYNC_EVERY == 0 and bool(kept.done.all()):
                     break
                 feats = [c[0] for c in captured] if reference else []
                 l_out = F.cross_entropy(logits.float(), t, reduction="none").flatten(1).mean(1).sum()
@@ -528,11 +531,11 @@ class MSA(_TargetedSegmentationAttack):
                     g_s = -feasible(-g_s, x_adv, x, eps, norm)
                     direction = direction + w * g_s / per_sample_l2(g_s)
             x_new = project(x_adv - alpha * direction, x, eps, norm)
-            x_adv = torch.where(_bcast(done, x), x_adv, x_new).detach()
+            x_adv = torch.where(_bcast(kept.done, x), x_adv, x_new).detach()
         for c in captured:
             c.clear()
         self.trace = {"pixel_accuracy": torch.stack(accs)}
-        return best.detach()
+        return kept.best.detach()
 
 
 @hookimpl

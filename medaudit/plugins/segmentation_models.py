@@ -29,24 +29,18 @@ from medaudit.core.models import (
     prepare_for_audit,
     state_dict_sha256,
 )
-from medaudit.plugins.timm_models import NormalisedModelParams, existing_file
+from medaudit.plugins.timm_models import NormalisedModelParams, existing_file, no_such_name, torchvision_ready
 
 
-class ModuleParams(NormalisedModelParams):
-    """Params shared by the loaders of this module."""
+class WrappedModelParams(NormalisedModelParams):
+    """Params of a network wrapped for pixel-space input, optionally run patch-wise."""
 
     in_channels: int = Field(1, ge=1, le=64, description="Input channels of the network; grey images are replicated to match.")
     classes: int = Field(2, ge=1, description="Output classes (segmentation: classes of the label map, background included).")
-    checkpoint: Path | None = Field(None, description="State dict (.pt/.pth via weights_only=True, or .safetensors).")
     patch_size: list[int] | None = Field(
         None, description="Run the model patch-wise with this patch size (H W, or D H W) on larger inputs (sliding window)."
     )
     overlap: float = Field(0.25, ge=0, lt=1, description="Sliding window: overlap of neighbouring patches.")
-
-    @field_validator("checkpoint", mode="before")
-    @classmethod
-    def _file(cls, value, info):
-        return existing_file(value, info)
 
     @model_validator(mode="after")
     def _channels(self):
@@ -56,7 +50,18 @@ class ModuleParams(NormalisedModelParams):
         return self
 
 
-def finish(net: torch.nn.Module, p, task: Task, what: str, fingerprint: str | None = None) -> LoadedModel:
+class ModuleParams(WrappedModelParams):
+    """Params of loaders that build the network in Python and load a state dict into it."""
+
+    checkpoint: Path | None = Field(None, description="State dict (.pt/.pth via weights_only=True, or .safetensors).")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _file(cls, value, info):
+        return existing_file(value, info)
+
+
+def finish(net: torch.nn.Module, p: WrappedModelParams, task: Task, what: str, fingerprint: str | None = None) -> LoadedModel:
     """Load the checkpoint (if the params name one) into ``net``, wrap it for pixel-space
     input (and the sliding window), freeze it."""
     checkpoint = getattr(p, "checkpoint", None)
@@ -90,18 +95,12 @@ class SmpParams(ModuleParams):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        try:
-            require_torchvision()
-        except Exception as exc:
-            raise ValueError(str(exc)) from None
+        torchvision_ready()
         import segmentation_models_pytorch as smp
 
         names = [n for n in dir(smp) if isinstance(getattr(smp, n), type) and issubclass(getattr(smp, n), torch.nn.Module)]
         if value not in names:
-            import difflib
-
-            close = difflib.get_close_matches(value, names, n=1)
-            raise ValueError(f"segmentation-models-pytorch has no architecture {value!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise no_such_name("segmentation-models-pytorch", "architecture", value, names)
         return value
 
 
@@ -186,12 +185,8 @@ class FactoryLoader(ModelLoader):
 # -- TorchScript ----------------------------------------------------------------------
 
 
-class TorchScriptParams(NormalisedModelParams):
+class TorchScriptParams(WrappedModelParams):
     path: Path = Field(description="A TorchScript archive (torch.jit.save) taking normalised input.")
-    in_channels: int = Field(1, ge=1, le=64)
-    classes: int = Field(2, ge=1)
-    patch_size: list[int] | None = Field(None, description="Sliding window patch size, as for smp.")
-    overlap: float = Field(0.25, ge=0, lt=1)
 
     @field_validator("path", mode="before")
     @classmethod

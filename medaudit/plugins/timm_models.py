@@ -13,6 +13,22 @@ from medaudit.core.errors import ModelLoadError
 from medaudit.core.models import PixelSpaceModel, file_sha256, load_weights, prepare_for_audit, state_dict_sha256
 
 
+def no_such_name(library: str, kind: str, value: str, known) -> ValueError:
+    """The error a params validator raises for a name the library does not have."""
+    import difflib
+
+    close = difflib.get_close_matches(value, list(known), n=1)
+    return ValueError(f"{library} has no {kind} {value!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
+def torchvision_ready() -> None:
+    """:func:`require_torchvision` as the ValueError a params validator reports."""
+    try:
+        require_torchvision()
+    except Exception as exc:
+        raise ValueError(str(exc)) from None
+
+
 def existing_file(value, info) -> Path | None:
     if value is None:
         return None
@@ -60,17 +76,11 @@ class TimmParams(NormalisedModelParams):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        try:
-            require_torchvision()
-        except Exception as exc:
-            raise ValueError(str(exc)) from None
+        torchvision_ready()
         import timm
 
         if not timm.is_model(value):
-            import difflib
-
-            close = difflib.get_close_matches(value, timm.list_models(), n=1)
-            raise ValueError(f"timm has no architecture {value!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise no_such_name("timm", "architecture", value, timm.list_models())
         return value
 
     @model_validator(mode="after")
