@@ -107,6 +107,12 @@ def validate(spec_path: Path) -> None:
 
     spec = load_spec(spec_path, _host())
     click.echo(f"{spec_path}: valid; {len(plan_jobs(spec))} jobs planned")
+    if "pdf" in spec.report.formats:
+        from medaudit.reports.pdf import find_chromium
+
+        if find_chromium() is None:
+            click.secho("warning: report.formats asks for pdf but no Chromium is found here; "
+                        "`medaudit run` will refuse to start on this machine", fg="yellow", err=True)
 
 
 @cli.command()
@@ -159,8 +165,9 @@ def init(path: Path, force: bool) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--pdf", is_flag=True, help="Also print report.html to report.pdf (needs Chromium; see MEDAUDIT_CHROMIUM).")
 @handle_errors
-def report(run_dir: Path) -> None:
+def report(run_dir: Path, pdf: bool) -> None:
     """Re-render RUN_DIR/report.html and junit.xml from its results.json, without rerunning."""
     from medaudit.reports.html import write_report
     from medaudit.reports.junit import write_junit
@@ -168,10 +175,16 @@ def report(run_dir: Path) -> None:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise MedauditError(f"{run_dir}: no results.json (the run did not finish; resume it with medaudit run SPEC --resume {run_dir})")
+    if pdf:
+        from medaudit.reports.pdf import require_chromium, write_pdf
+
+        require_chromium()  # before touching anything
     results = json.loads(results_path.read_text(encoding="utf-8"))
     path = write_report(results, run_dir, _host())
     write_junit(results, run_dir)
     click.echo(f"report: {path}")
+    if pdf:
+        click.echo(f"pdf: {write_pdf(run_dir)}")
 
 
 def main() -> None:

@@ -28,8 +28,10 @@ DENSE_FIELDS = (
     "case", "attacked", "linf", "l2", "in_range", "clean_dice", "clean_iou", "clean_hd95", "clean_pixel_accuracy",
     "adv_dice", "adv_iou", "adv_hd95", "adv_pixel_accuracy",
 )
-#: Cases whose images and predictions each segmentation job keeps for the report's overlays.
+#: Cases whose images and predictions each job keeps for the report's example figures.
 EXAMPLE_CASES = 4
+#: Cases (the first in the data set) whose penultimate features each classification job keeps.
+FEATURE_CASES = 512
 
 
 def record_path(run_dir: Path, job_id: str) -> Path:
@@ -99,16 +101,33 @@ def examples_path(run_dir: Path, job_id: str) -> Path:
     return run_dir / "examples" / f"{job_id}.pt"
 
 
-def save_examples(run_dir: Path, job_id: str, x, x_adv, truth, pred, target=None) -> None:
-    """Keep the first cases' images and label maps of a segmentation job for the report's
-    overlays (a 3D case keeps the slice where its smallest structure is largest)."""
+def save_examples(run_dir: Path, job_id: str, x, x_adv, truth, pred, target=None, clean_pred=None) -> None:
+    """Keep the first cases of a job for the report's example figures.
+
+    Segmentation (``truth`` holds label maps): the first channel of the image and of the
+    adversarial image, the truth, the prediction under attack and the target, if any; a 3D
+    case keeps the slice where its smallest structure is largest.
+
+    Classification (``truth`` holds class indices): the images with all their channels,
+    ``truth``, ``prediction`` (under attack) and ``clean_prediction``; a 3D case keeps its
+    middle slice, and then ``volume_slice`` says which.
+    """
     k = min(EXAMPLE_CASES, len(x))
-    keep = {"image": x[:k, 0], "adversarial": x_adv[:k, 0], "truth": truth[:k], "prediction": pred[:k]}
-    if target is not None:
-        keep["target"] = target[:k]
-    if truth.dim() == 4:
-        index = torch.stack([_telling_slice(t) for t in truth[:k]])
-        keep = {name: v[torch.arange(k), index] for name, v in keep.items()}
+    if truth.dim() == 1:
+        keep = {"image": x[:k], "adversarial": x_adv[:k], "truth": truth[:k], "prediction": pred[:k]}
+        if clean_pred is not None:
+            keep["clean_prediction"] = clean_pred[:k]
+        if x.dim() == 5:
+            middle = x.shape[2] // 2
+            keep["image"], keep["adversarial"] = keep["image"][:, :, middle], keep["adversarial"][:, :, middle]
+            keep["volume_slice"] = torch.tensor(middle)
+    else:
+        keep = {"image": x[:k, 0], "adversarial": x_adv[:k, 0], "truth": truth[:k], "prediction": pred[:k]}
+        if target is not None:
+            keep["target"] = target[:k]
+        if truth.dim() == 4:
+            index = torch.stack([_telling_slice(t) for t in truth[:k]])
+            keep = {name: v[torch.arange(k), index] for name, v in keep.items()}
     path = examples_path(run_dir, job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({name: v.detach().cpu().clone() for name, v in keep.items()}, path)
@@ -126,4 +145,21 @@ def _telling_slice(truth: torch.Tensor) -> torch.Tensor:
 
 def load_examples(run_dir: Path, job_id: str) -> dict[str, torch.Tensor] | None:
     path = examples_path(run_dir, job_id)
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def features_path(run_dir: Path, job_id: str) -> Path:
+    return run_dir / "examples" / f"{job_id}.features.pt"
+
+
+def save_features(run_dir: Path, job_id: str, positions: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """Keep a classification job's penultimate features (float16, ``n x d``) with the data set
+    positions and true labels of their cases."""
+    path = features_path(run_dir, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"position": positions.cpu().clone(), "features": features.cpu().clone(), "truth": labels.cpu().clone()}, path)
+
+
+def load_features(run_dir: Path, job_id: str) -> dict[str, torch.Tensor] | None:
+    path = features_path(run_dir, job_id)
     return torch.load(path, weights_only=True) if path.is_file() else None

@@ -36,8 +36,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp.name, path)
 
 
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    write_atomic(path, json_text(data))
 
 
 def new_run_dir(output_dir: Path, audit_name: str) -> Path:

@@ -9,27 +9,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import medaudit
 from medaudit.audits import rundir
 from medaudit.audits.plan import Job, check_model_access, plan_jobs
-from medaudit.audits.records import RecordWriter, dense_scores, is_done, read_records, save_examples
+from medaudit.audits.records import (
+    EXAMPLE_CASES, FEATURE_CASES, RecordWriter, dense_scores, is_done, read_records, save_examples, save_features,
+)
 from medaudit.audits.results import acceptance, compute_results, validity_checks
 from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
 from medaudit.core.components import Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, Task, component_info
 from medaudit.core.environment import describe_environment, select_device
 from medaudit.core.models import SpeedWrapper, prepare_for_audit
 from medaudit.core.perturbation import project
-from medaudit.core.errors import DataError, EnvironmentProblem, ExitCode, MedauditError, SpecError
+from medaudit.core.probes import FeatureTap
+from medaudit.core.errors import DataError, EnvironmentProblem, ExitCode, MedauditError, PrivacyError, SpecError
 from medaudit.core.host import Host
+from medaudit.core.privacy import leaked_values
 from medaudit.reports.figures import classification_figures, segmentation_figures
 
 SCHEMA_VERSION = 1
@@ -132,6 +138,10 @@ class Runner:
 
     def load(self) -> None:
         spec = self.spec
+        if "pdf" in spec.report.formats:
+            from medaudit.reports.pdf import require_chromium
+
+            require_chromium()  # a missing browser stops the run now, not after the audit
         if spec.runtime.num_threads:
             torch.set_num_threads(spec.runtime.num_threads)
         self.device = select_device(spec.runtime.device)
@@ -192,6 +202,11 @@ class Runner:
 
     def run(self, resume_dir: Path | None = None) -> Outcome:
         self.load()
+        if self.data.sensitive_values:
+            self._refuse_identifying_text(
+                {"spec.resolved.yaml": yaml.safe_dump(self.spec.model_dump(mode="json")), "command line": self.command or ""},
+                "start the run",
+            )
         if resume_dir is not None:
             run_dir = Path(resume_dir)
             rundir.check_resumable(run_dir, self.fingerprints)
@@ -225,18 +240,54 @@ class Runner:
                     ) from None
 
         results = self.build_results()
-        rundir.write_json(run_dir / "results.json", results)
-        if "html" in self.spec.report.formats:
-            from medaudit.reports.html import write_report
+        outputs = {"results.json": rundir.json_text(results)}
+        if "html" in self.spec.report.formats or "pdf" in self.spec.report.formats:
+            from medaudit.reports.html import render_report
 
-            write_report(results, run_dir, self.host)
+            outputs["report.html"] = render_report(results, self.host, run_dir, outputs["results.json"])
         if "junit" in self.spec.report.formats:
-            from medaudit.reports.junit import write_junit
+            from medaudit.reports.junit import render_junit
 
-            write_junit(results, run_dir)
+            outputs["junit.xml"] = render_junit(results)
+        if self.data.sensitive_values:
+            self._refuse_identifying_text(self._final_texts(outputs), "write results.json and the reports")
+        for name, text in outputs.items():
+            rundir.write_atomic(run_dir / name, text)
+        if "pdf" in self.spec.report.formats:
+            from medaudit.reports.pdf import write_pdf
+
+            try:
+                write_pdf(run_dir)
+            except MedauditError as exc:  # the verdict stands; the PDF can be redone with `medaudit report --pdf`
+                self.console.print(f"warning: {exc}; retry with: medaudit report {run_dir} --pdf", style="yellow", markup=False, highlight=False)
+                rundir.log_event(run_dir, event="pdf_failed", error=str(exc))
         rundir.log_event(run_dir, event="finished", verdict=results["acceptance"]["verdict"])
         self.host.pm.hook.audit_finished(results=results, run_dir=run_dir)
         return Outcome(run_dir, results)
+
+    def _refuse_identifying_text(self, texts: dict[str, str], refused: str) -> None:
+        """Fail closed if a text about to be written holds a value the data set flagged as
+        identifying (DICOM header values, file names). The message names the files and a
+        count, never the values."""
+        leaks = {name: len(leaked_values(text, self.data.sensitive_values)) for name, text in texts.items()}
+        where = ", ".join(f"{name} ({n} value{'s' if n > 1 else ''})" for name, n in leaks.items() if n)
+        if where:
+            raise PrivacyError(
+                f"refused to {refused}: {where} would hold values read from the input's identifying DICOM "
+                "attributes or file names. Remove the identifying text (from the spec, the command line, a "
+                "plugin's output or the class names) and run again."
+            )
+
+    def _final_texts(self, outputs: dict[str, str]) -> dict[str, str]:
+        """The outputs as a reader would see them, plus every text file already in the run dir."""
+        texts = dict(outputs)
+        texts["results.json"] = json.dumps(json.loads(outputs["results.json"]), ensure_ascii=False)  # no \u escapes
+        if "report.html" in texts:  # figures are PNG bytes in base64, not text
+            texts["report.html"] = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", texts["report.html"])
+        for path in sorted(self.run_dir.rglob("*")):
+            if path.suffix in {".json", ".jsonl", ".yaml", ".xml", ".html"} and path.name not in outputs:
+                texts[str(path.relative_to(self.run_dir))] = path.read_text(encoding="utf-8")
+        return texts
 
     def run_job(self, job: Job, progress: Progress) -> dict[str, Any]:
         started = time.perf_counter()
@@ -254,6 +305,9 @@ class Runner:
 
         task = progress.add_task(f"  {job.title()}", total=-(-n // bs))
         writer = RecordWriter(self.run_dir, job.id)
+        # Penultimate features of the first cases, read during the forward passes that
+        # score the (adversarial) images, for the report's embedding figure.
+        self._tap = None if dense else FeatureTap(model, FEATURE_CASES)
         try:
             for start in range(0, n, bs):
                 x = self.data.images[start : start + bs].to(self.device)
@@ -262,7 +316,7 @@ class Runner:
                     rows = self._dense_batch(model, attack, job, x, y, clean[start : start + bs], generator, start)
                 elif attack is None:
                     y = self.data.labels[start : start + bs].to(self.device)
-                    rows = self._clean_batch(model, x, y)
+                    rows = self._clean_batch(model, job, x, y, start)
                 else:
                     y = self.data.labels[start : start + bs].to(self.device)
                     clean_pred = torch.tensor([r["clean_pred"] for r in clean[start : start + bs]])
@@ -271,6 +325,8 @@ class Runner:
                     row["case"] = case
                 writer.write(rows)
                 progress.advance(task)
+            if self._tap is not None and (captured := self._tap.result()) is not None:
+                save_features(self.run_dir, job.id, *captured, self.data.labels[captured[0]])
         except BaseException:
             writer.discard()
             progress.remove_task(task)
@@ -316,14 +372,20 @@ class Runner:
             ):
                 row.update(target_dice=dice, target_pixel_accuracy=acc, target_changed=n_wanted,
                            target_hit=round(h, 6) if n_wanted else None)
-        if start == 0:
+        if self._keeps_examples(start):
             save_examples(self.run_dir, job.id, x, x_adv, y, pred, target)
         return rows
 
-    @staticmethod
-    def _clean_batch(model, x, y) -> list[dict]:
-        with torch.inference_mode():
+    def _keeps_examples(self, start: int) -> bool:
+        """The first batch's cases are kept for the report's figures, unless their pixels may
+        carry burned-in identifying text."""
+        return start == 0 and not self.data.pixels_may_identify
+
+    def _clean_batch(self, model, job: Job, x, y, start: int) -> list[dict]:
+        with torch.inference_mode(), self._tap.capture(torch.arange(start, start + len(y), device=y.device)):
             pred = model(x).argmax(1)
+        if self._keeps_examples(start):
+            save_examples(self.run_dir, job.id, x, x, y, pred, clean_pred=pred)
         return [
             {"label": label, "clean_pred": p, "adv_pred": p, "attacked": False, "linf": 0.0, "l2": 0.0, "in_range": True}
             for label, p in zip(y.tolist(), pred.tolist())
@@ -352,12 +414,19 @@ class Runner:
             else:
                 with torch.enable_grad():
                     x_adv = attack.perturb(model, x_att, y_att, eps=job.epsilon, norm=norm, generator=generator)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._tap.capture(start + idx):
                 adv_pred[idx] = model(x_adv).argmax(1)
             delta = (x_adv - x_att).float()
             linf[idx] = _norm_of(delta, Norm.LINF)
             l2[idx] = _norm_of(delta, Norm.L2)
             in_range[idx] = ((x_adv >= 0) & (x_adv <= 1)).flatten(1).all(1)
+        if self._keeps_examples(start):
+            k = min(EXAMPLE_CASES, len(y))
+            shown = x[:k].clone()  # cases the model already got wrong are not attacked
+            if len(idx):
+                first = idx < k
+                shown[idx[first]] = x_adv[first].to(shown.dtype)
+            save_examples(self.run_dir, job.id, x[:k], shown, y[:k], adv_pred[:k], clean_pred=clean_pred[:k])
         rows = []
         for a, b, c, d, e, f, g, h in zip(
             y.tolist(), clean_pred.tolist(), adv_pred.tolist(), correct.tolist(), linf.tolist(), l2.tolist(),
@@ -404,7 +473,9 @@ class Runner:
                 self.model.num_classes,
             )
         else:
-            figures = classification_figures(self.run_dir, computed["rows"])
+            figures = classification_figures(
+                self.run_dir, computed["rows"], self.jobs, spec.threat_model.epsilons, data.class_names, self.models[NO_DEFENSE]
+            )
         return {
             "schema_version": SCHEMA_VERSION,
             "medaudit_version": medaudit.__version__,
@@ -416,6 +487,7 @@ class Runner:
                 "started": next((e["at"] for e in timeline if e["event"] == "start"), None),
                 "finished": rundir.utc_now(),
             },
+            "intended_use": spec.intended_use.model_dump(mode="json"),
             "verdict": accepted["verdict"],
             "exit_code": accepted["exit_code"],
             "fingerprints": self.fingerprints,
@@ -442,11 +514,14 @@ class Runner:
                     },
                 }),
                 "sha256": data.fingerprint,
+                "intensity_window": list(data.intensity_window) if data.intensity_window else None,
+                "intensity_unit": data.intensity_unit,
             },
             "threat_model": {
                 "norm": spec.threat_model.norm.value,
                 "epsilons": spec.threat_model.epsilons,
                 "epsilon_labels": [epsilon_label(e) for e in spec.threat_model.epsilons],
+                "epsilons_physical": physical_budgets(spec.threat_model.epsilons, data.intensity_window),
             },
             "attacks": [
                 {"label": a.label, "name": a.name, "params": a.params, **self._provenance("attack", a.name)}
@@ -498,6 +573,15 @@ class Runner:
             c = component_info(cls)
             out.update(summary=c["summary"], norms=c["norms"], needs=c["needs"], targeted=c["targeted"])
         return out
+
+
+def physical_budgets(epsilons: list[float], window: tuple[float, float] | None) -> list[float] | None:
+    """Each budget in the data's own intensity units: eps times the window's width (for an
+    L2 budget this is the norm over all pixels, in those units)."""
+    if window is None:
+        return None
+    width = window[1] - window[0]
+    return [round(e * width, 6) for e in epsilons]
 
 
 def _norm_of(delta: torch.Tensor, norm: Norm) -> torch.Tensor:

@@ -67,6 +67,22 @@ class AuditInfo(_Section):
     description: str = Field("", description="What is audited and why.")
 
 
+class IntendedUse(_Section):
+    """What the audited device is for: the scope every robustness claim is made in.
+
+    All free text, shown verbatim (escaped) in the report; a field left out is printed as
+    "not stated" so that a reviewer sees the gap.
+    """
+
+    device: str | None = Field(None, description="Device or model name and version.")
+    clinical_task: str | None = Field(None, description="What the model decides, for whom, from which images.")
+    population: str | None = Field(None, description="Target patient population.")
+    modality: str | None = Field(None, description="Modality and acquisition constraints (scanner, protocol, window).")
+    users: str | None = Field(None, description="Intended users and how they act on the output.")
+    outputs: str | None = Field(None, description="Outputs and decision thresholds.")
+    out_of_scope: list[str] = Field(default_factory=list, description="Uses and inputs the audit makes no claim about.")
+
+
 class ModelRef(_Section):
     loader: str = Field(description="Name of a registered model loader (see `medaudit plugins`).")
     params: dict[str, Any] = Field(default_factory=dict, description="The loader's parameters.")
@@ -140,9 +156,10 @@ class Acceptance(_Section):
 
 class ReportOptions(_Section):
     title: str | None = None
-    formats: list[Literal["html", "json", "junit"]] = Field(
+    formats: list[Literal["html", "json", "junit", "pdf"]] = Field(
         default_factory=lambda: ["html", "json", "junit"],
-        description="Outputs besides results.json: report.html, and junit.xml (criteria as test cases for CI).",
+        description="Outputs besides results.json: report.html, junit.xml (criteria as test cases for CI), "
+        "and report.pdf (report.html printed by a headless Chromium; not a default, needs Chromium installed).",
     )
 
 
@@ -184,6 +201,7 @@ class Spec(_Section):
     """A whole audit."""
 
     audit: AuditInfo
+    intended_use: IntendedUse = Field(default_factory=IntendedUse)
     task: Task = Task.CLASSIFICATION
     model: ModelRef
     data: DataRef

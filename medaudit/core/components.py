@@ -76,9 +76,10 @@ class Component(abc.ABC):
 
     @classmethod
     def summary(cls) -> str:
-        """First line of the docstring: what ``medaudit plugins`` shows."""
+        """First paragraph of the docstring, on one line: what ``medaudit plugins`` and the
+        report show."""
         doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n")[0].split())
 
 
 # -- models ---------------------------------------------------------------------------
@@ -134,6 +135,18 @@ class LoadedData:
     description: str = ""
     #: Voxel/pixel size in mm per spatial axis (D, H, W or H, W), for Hausdorff distances.
     spacing: tuple[float, ...] | None = None
+    #: The interval of raw intensities mapped to [0, 1], when it is the same for every case
+    #: (e.g. a CT window of [-1000, 400] HU), and its unit: the report restates each budget
+    #: in those units (an L-inf budget of 1/255 is 5.5 HU at that window).
+    intensity_window: tuple[float, float] | None = None
+    intensity_unit: str = "intensity units"
+    #: Strings read from the inputs that could identify a patient (DICOM header values of
+    #: the PS3.15 basic profile, file and folder names). Never written anywhere: the run
+    #: checks its output files against them before writing and refuses if one appears.
+    sensitive_values: frozenset[str] = frozenset()
+    #: True when the pixels may carry burned-in identifying text (DICOM without Burned In
+    #: Annotation = NO): the run then keeps no example images and the report shows none.
+    pixels_may_identify: bool = False
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -283,7 +296,8 @@ class ReportSection(Component):
     """A section of report.html, rendered from results.json only (so re-rendering works).
 
     The default :meth:`render` renders ``template`` (a jinja2 template name, found in the
-    report's template folders plus ``template_dir``) with ``results`` and ``section``.
+    report's template folders plus ``template_dir``) with ``results``, ``section`` and
+    whatever :meth:`context` derives from ``results``.
     """
 
     #: Position in the report; lower comes first.
@@ -295,8 +309,12 @@ class ReportSection(Component):
     template_dir: ClassVar[Path | None] = None
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
 
+    def context(self, results: dict) -> dict[str, Any]:
+        """Extra template variables derived from ``results`` (none by default)."""
+        return {}
+
     def render(self, results: dict, env: "jinja2.Environment") -> str:
-        return env.get_template(self.template).render(results=results, section=self)
+        return env.get_template(self.template).render(results=results, section=self, **self.context(results))
 
 
 #: The kinds of component, their base class and the registration hook that provides them.

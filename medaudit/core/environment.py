@@ -63,7 +63,8 @@ def describe_environment(device: "torch.device") -> dict:  # noqa: F821
             name: _version(name)
             for name in (
                 "medaudit", "torch", "torchvision", "timm", "segmentation-models-pytorch",
-                "adversarial-robustness-toolbox", "numpy", "pydantic", "pluggy",
+                "adversarial-robustness-toolbox", "monai", "captum", "scikit-learn", "pydicom", "nibabel",
+                "numpy", "pydantic", "pluggy",
             )
         },
         "device": str(device),

@@ -57,3 +57,7 @@ class ResumeError(MedauditError):
 
 class EnvironmentProblem(MedauditError):
     """The Python environment is broken (for example torch and torchvision do not match)."""
+
+
+class PrivacyError(MedauditError):
+    """An output would have contained a value that could identify a patient."""

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = (
     "medaudit.plugins.phantom",
     "medaudit.plugins.image_folders",
     "medaudit.plugins.nifti",
+    "medaudit.plugins.dicom",
     "medaudit.plugins.timm_models",
     "medaudit.plugins.segmentation_models",
     "medaudit.plugins.demo_model",

@@ -1,4 +1,4 @@
-"""Pseudonymous case ids.
+"""Pseudonymous case ids, and the check that keeps identifying values out of outputs.
 
 File names of medical images often carry patient names, record numbers or dates, and
 case ids end up in records, reports and plots. Datasets that read user files therefore
@@ -13,7 +13,9 @@ holding a report but not the images cannot test guessed file names against the i
 from __future__ import annotations
 
 import hashlib
+import html
 import os
+import re
 from typing import Iterable
 
 
@@ -30,3 +32,33 @@ def pseudonym_key(content_hashes: Iterable[str]) -> str:
 def pseudonym(secret: str, name: str) -> str:
     """``"case-"`` plus the first 12 hex digits of ``sha256(secret + "\\0" + name)``."""
     return "case-" + hashlib.sha256((secret + "\0" + name).encode("utf-8")).hexdigest()[:12]
+
+
+_TOKEN = re.compile(r"[^\W_]+")
+
+
+def leaked_values(text: str, sensitive: Iterable[str]) -> list[str]:
+    """The ``sensitive`` values that occur in ``text`` as whole tokens (case-insensitive,
+    also once HTML entities are decoded). Callers report how many, never which: the values
+    are the secret.
+
+    Whole tokens, because short values occur by chance inside longer ones (a time
+    ``101501`` in the float ``0.101501``, a name in a hash): a value found must not touch a
+    letter or digit, nor a dot on a side where it begins or ends with a digit. Each value
+    is first looked up by its tokens in the set of the text's tokens, so a large text is
+    scanned once, not once per value.
+    """
+    texts = [t.casefold() for t in {text, html.unescape(text)}]
+    tokens = set().union(*(_TOKEN.findall(t) for t in texts))
+    found = []
+    for value in sensitive:
+        folded = value.casefold()
+        parts = _TOKEN.findall(folded)
+        if not parts or not all(part in tokens for part in parts):
+            continue
+        before = r"(?<![^\W_])" + (r"(?<!\.)" if folded[0].isdigit() else "")
+        after = r"(?![^\W_])" + (r"(?!\.\d)" if folded[-1].isdigit() else "")
+        pattern = re.compile(before + re.escape(folded) + after)
+        if any(pattern.search(t) for t in texts):
+            found.append(value)
+    return found

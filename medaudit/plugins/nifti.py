@@ -238,6 +238,8 @@ class Nifti(Dataset):
             mask_class_names=names,
             description="; ".join(parts),
             spacing=tuple(float(s) for s in spacing),
+            intensity_window=tuple(p.window) if p.window is not None else None,
+            intensity_unit="intensity units of the files (HU for CT)",
         )
 
 

@@ -7,6 +7,7 @@ Content-Security-Policy that forbids everything else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -55,15 +56,23 @@ def make_environment(extra_dirs: list[Path] = ()) -> jinja2.Environment:
     return env
 
 
-def render_report(results: dict, host: Host, run_dir: Path | None = None) -> str:
+def render_report(results: dict, host: Host, run_dir: Path | None = None, results_text: str | None = None) -> str:
     """Render the report; figures listed in results.json are read from ``run_dir`` and
-    embedded as data URIs (a missing figure file is left out)."""
+    embedded as data URIs (a missing figure file is left out). The cover pins the sha256 of
+    ``results_text``, the results.json about to be written, else of the one in ``run_dir``."""
     task = results["audit"]["task"]
     section_classes = sorted(
         (cls for cls in host.components["report_section"].values() if task in {t.value for t in cls.tasks}),
         key=lambda cls: (cls.order, cls.name),
     )
     env = make_environment([cls.template_dir for cls in section_classes if cls.template_dir])
+    results_file = Path(run_dir) / "results.json" if run_dir is not None else None
+    if results_text is not None:
+        env.globals["results_sha256"] = hashlib.sha256(results_text.encode("utf-8")).hexdigest()
+    elif results_file is not None and results_file.is_file():
+        env.globals["results_sha256"] = hashlib.sha256(results_file.read_bytes()).hexdigest()
+    else:
+        env.globals["results_sha256"] = None
     env.globals["figures"] = [
         {**f, "uri": data_uri(run_dir, f["path"])}
         for f in results.get("figures", [])

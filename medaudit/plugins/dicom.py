@@ -1,0 +1,566 @@
+"""Built-in dataset ``dicom-folder``: single-frame DICOM images in one subfolder per class.
+
+``dicom_basic_profile.tsv`` next to this module is DICOM PS3.15 Table E.1-1 (Application
+Level Confidentiality Profile Attributes), rev 2024b.
+
+Layout: ``path/<class>/<file>``, one subfolder per class (sorted by name unless the
+``classes`` param lists them in order), each holding single-frame greyscale DICOM files:
+``*.dcm``, and files without an extension that start with the DICOM prefix (``DICM``
+after the 128-byte preamble). Files are read with pydicom without ``force``, so a file
+that is not a DICOM Part 10 file is an error, not a guess. Subfolders are not searched.
+
+Pixels: stored values go through the Modality LUT (Rescale Slope and Intercept, or a
+Modality LUT Sequence), so CT images are in HU, then through a linear window
+``[centre - width / 2, centre + width / 2]`` mapped to [0, 1] with clipping (the
+LINEAR_EXACT function of PS3.3 C.11.2.1.3.2; VOI LUT Sequences and the SIGMOID function
+are not applied). The window is the ``window`` param when set, else the file's own
+Window Center and Width (the first pair when several are given), else the image's own
+min and max. MONOCHROME1 images are inverted after windowing, so bright always means a
+high value as displayed. ``size`` resizes (bilinear, antialiased) after windowing;
+without it every image must have the same Rows and Columns.
+
+Privacy. Case ids are pseudonyms (:func:`medaudit.core.privacy.pseudonym` of
+``class/file name``), and the description holds only aggregate technical facts from an
+allowlist (counts of Modality defined terms, Rows x Columns, Bits Stored, Photometric
+Interpretation, and the range of Pixel Spacing). No header value of any other attribute
+is logged, stored or put in a message: errors name the case by its pseudonym and its
+class folder, and say what is wrong without quoting pydicom's message. pydicom's own
+warnings and log records are silenced while a file is read, since they can quote values.
+
+:attr:`LoadedData.sensitive_values` collects, from every file read (file meta included,
+and inside sequences at any depth):
+
+* the values of every attribute listed in the PS3.15 table, of every private attribute
+  (odd group) and of everything nested in a listed or private sequence, when the VR is
+  text-like: PN, LO, SH, LT, ST, UT, UC, UR, AE, AS, DA, DT, TM, UI; and UN values that
+  decode to printable text. CS (coded strings such as ``ORIGINAL``), DS and IS (decimal
+  and integer strings such as a weight of ``70.5``) and the binary VRs are left out,
+  because their values collide with innocent text of the report;
+* each value stripped of spaces and NULs, each backslash-separated item of a multi-value,
+  and for PN and UN each ``^``- or ``=``-separated name component, kept when it is at
+  least 4 characters long (shorter strings match too much innocent text), holds a letter
+  or digit and is not one character repeated (dummy values such as ``000000``);
+* each file's name and stem (relative to its class folder), under the same rule.
+
+Class folder names are not collected: they are the class names shown in the report, so a
+value that is part of a class name is dropped too. The run refuses to write an output that
+holds a collected value. Burned-in text in the pixels is not removed: unless every file
+declares Burned In Annotation = NO, :attr:`LoadedData.pixels_may_identify` is set and the
+run keeps no example images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.resources
+import logging
+import math
+import re
+import warnings
+from collections import Counter
+from collections.abc import MutableSequence
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator
+
+from medaudit import hookimpl
+from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
+from medaudit.core.errors import DataError
+from medaudit.core.models import file_sha256
+from medaudit.core.privacy import pseudonym, pseudonym_key
+from medaudit.plugins.image_folders import check_folder, fingerprint_of
+
+PROFILE_FILE = "dicom_basic_profile.tsv"
+
+#: VRs whose values are collected as sensitive (see the module docstring).
+TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC", "UR", "AE", "AS", "DA", "DT", "TM", "UI"})
+#: VRs whose values are also split into name components.
+NAME_VRS = frozenset({"PN", "UN"})
+MIN_SENSITIVE_LENGTH = 4
+
+#: Modality defined terms (PS3.3 C.7.3.1.1.1) the description may count; others count as "other".
+MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT "
+    "IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN POS PR PT PX REG RESP "
+    "RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN "
+    "TEXTUREMAP TG US VA XA XAPROTOCOL XC".split()
+)
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: Photometric interpretations an error message may name (defined terms of PS3.3 C.7.6.3.1.2).
+PHOTOMETRIC_TERMS = frozenset(
+    {"PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+     "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}
+)
+
+
+# -- the PS3.15 table ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def profile_tags() -> tuple[frozenset[int], tuple[tuple[int, int], ...]]:
+    """Tags of the PS3.15 table: exact tags, and (mask, value) pairs for rows like ``(50XX,XXXX)``.
+
+    The row for private attributes, ``(GGGG,EEEE) WHERE GGGG IS ODD``, is handled by
+    :func:`is_listed` directly.
+    """
+    text = importlib.resources.files("medaudit.plugins").joinpath(PROFILE_FILE).read_text(encoding="utf-8")
+    exact: set[int] = set()
+    patterns: list[tuple[int, int]] = []
+    for line in text.splitlines():
+        if not line.startswith("("):
+            continue  # comments and the header row
+        tag = line.split("\t", 1)[0].strip().upper()
+        match = re.fullmatch(r"\(([0-9A-FX]{4}),([0-9A-FX]{4})\)", tag)
+        if match is None:
+            continue  # the private-attribute row
+        digits = match.group(1) + match.group(2)
+        if "X" not in digits:
+            exact.add(int(digits, 16))
+            continue
+        mask = int("".join("0" if c == "X" else "F" for c in digits), 16)
+        value = int("".join("0" if c == "X" else c for c in digits), 16)
+        patterns.append((mask, value))
+    if not exact:
+        raise RuntimeError(f"{PROFILE_FILE} lists no attributes; the package is broken")
+    return frozenset(exact), tuple(patterns)
+
+
+def is_listed(tag: int) -> bool:
+    """Whether an attribute is private or listed in the PS3.15 table."""
+    if (tag >> 16) % 2 == 1:
+        return True
+    exact, patterns = profile_tags()
+    return tag in exact or any(tag & mask == value for mask, value in patterns)
+
+
+# -- harvesting sensitive values ------------------------------------------------------------
+
+
+def _keep(text: str) -> bool:
+    """Long enough, with a letter or digit, and not one character repeated (dummy values like 000000)."""
+    return len(text) >= MIN_SENSITIVE_LENGTH and len(set(text)) > 1 and any(c.isalnum() for c in text)
+
+
+def _add(out: set[str], text: str, split_names: bool) -> None:
+    for item in text.split("\\"):
+        item = item.strip(" \x00\t\r\n")
+        if _keep(item):
+            out.add(item)
+        if split_names:
+            for part in re.split(r"[\^=]", item):
+                part = part.strip(" \x00\t\r\n")
+                if _keep(part):
+                    out.add(part)
+
+
+def _is_multi(value: Any) -> bool:
+    """A list, tuple or pydicom MultiValue (a MutableSequence), not bytes."""
+    return isinstance(value, (list, tuple, MutableSequence)) and not isinstance(value, (bytes, bytearray))
+
+
+def _decoded(raw: Any) -> str | None:
+    """Bytes of an unknown VR as text when they are printable, else None."""
+    if not isinstance(raw, (bytes, bytearray)):
+        return None
+    text = bytes(raw).decode("latin-1").strip(" \x00")
+    return text if text and text.isprintable() else None
+
+
+def _values(value: Any) -> Iterator[str]:
+    if value is None:
+        return
+    if isinstance(value, (bytes, bytearray)):
+        text = _decoded(value)
+        if text is not None:
+            yield text
+    elif _is_multi(value):
+        for item in value:
+            yield from _values(item)
+    else:
+        yield str(value)
+
+
+def harvest(dataset, out: set[str], inherited: bool = False) -> None:
+    """Add the sensitive values of ``dataset`` (and its sequences, at any depth) to ``out``."""
+    for tag in list(dataset.keys()):
+        listed = inherited or is_listed(int(tag))
+        try:
+            elem = dataset[tag]
+        except Exception:  # a value pydicom cannot convert: fall back to its raw bytes
+            if listed:
+                with contextlib.suppress(Exception):
+                    text = _decoded(dataset.get_item(tag).value)
+                    if text is not None:
+                        _add(out, text, split_names=True)
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                harvest(item, out, listed)
+        elif listed and (elem.VR in TEXT_VRS or elem.VR == "UN"):
+            for text in _values(elem.value):
+                _add(out, text, split_names=elem.VR in NAME_VRS)
+
+
+def file_name_values(name: str) -> set[str]:
+    return {s for s in (name, Path(name).stem) if _keep(s)}
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log records, which can quote header values."""
+    logger = logging.getLogger("pydicom")
+    drop = _DropAll()
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def has_dicom_prefix(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _number(ds, keyword: str) -> float | None:
+    """First value of a numeric attribute as a finite float, or None when absent or unusable."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if _is_multi(value):
+            value = value[0] if len(value) else None
+        number = float(value)
+    except Exception:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _numbers(ds, keyword: str) -> tuple[float, ...] | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        items = value if _is_multi(value) else [value]
+        numbers = tuple(float(v) for v in items)
+    except Exception:
+        return None
+    return numbers if numbers and all(math.isfinite(n) for n in numbers) else None
+
+
+def _text(ds, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
+    return str(value).strip() if value is not None else None
+
+
+class DicomFolderParams(Params):
+    path: Path = Field(
+        description="Root folder with one subfolder per class, each holding single-frame DICOM files (*.dcm, or "
+        "files without an extension that start with the DICOM prefix); not searched recursively."
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="Class subfolders in label order (0, 1, ...); other subfolders are ignored. Default: all "
+        "subfolders, sorted by name.",
+    )
+    window: tuple[float, float] | None = Field(
+        None,
+        description="Intensity window [centre, width] in the modality's units after Rescale Slope/Intercept (e.g. "
+        "[40, 400] for CT in HU), mapped to [0, 1] with clipping. Default: each file's Window Center/Width (the first "
+        "pair), else the image's own min and max.",
+    )
+    size: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="Resize every image to size x size (bilinear, antialiased, after windowing). None: all images "
+        "must have the same Rows and Columns.",
+    )
+    channels: Literal[1, 3] = Field(1, description="Channels of the output: 1, or 3 (the grey image repeated).")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _resolve(cls, value, info: ValidationInfo) -> Path:
+        return resolve_path(value, info)
+
+    @field_validator("classes")
+    @classmethod
+    def _plain_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("classes must list at least one class folder")
+            if len(set(value)) != len(value):
+                raise ValueError("classes must be distinct")
+            for name in value:
+                if not name or name in (".", "..") or "/" in name or "\\" in name:
+                    raise ValueError(f"class {name!r} is not a folder name")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _valid_window(cls, value):
+        if value is not None and not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[1] > 0):
+            raise ValueError("window must be two finite numbers [centre, width] with width > 0")
+        return value
+
+
+class DicomFolder(Dataset):
+    """Single-frame DICOM images in one subfolder per class; header values never reach the outputs."""
+
+    name = "dicom-folder"
+    tasks = frozenset({Task.CLASSIFICATION})
+    dims = frozenset({2})
+    Params = DicomFolderParams
+
+    def load(self) -> LoadedData:
+        p: DicomFolderParams = self.params
+        ds_name = self.name
+        check_folder(p.path, "root", ds_name)
+        classes, ignored_folders = self._classes(p)
+
+        # First pass: list and hash the files, so errors can name cases by their pseudonym.
+        files: list[tuple[int, str, Path]] = []  # (label, class, path)
+        ignored_files = 0
+        for label, cls in enumerate(classes):
+            folder = p.path / cls
+            found = 0
+            for f in sorted(folder.iterdir(), key=lambda f: f.name):
+                if not f.is_file() or f.name.startswith(".") or f.name.upper() == "DICOMDIR":
+                    continue
+                if f.suffix.lower() == ".dcm" or (not f.suffix and has_dicom_prefix(f)):
+                    files.append((label, cls, f))
+                    found += 1
+                else:
+                    ignored_files += 1
+            if not found:
+                raise DataError(
+                    f"{ds_name}: class folder {cls!r} holds no DICOM files (*.dcm, or files without an extension "
+                    "that start with the DICOM prefix)"
+                )
+        hashes = [(f"{cls}/{f.name}", file_sha256(f)) for _, cls, f in files]
+        key = pseudonym_key(h for _, h in hashes)
+        case_ids = [pseudonym(key, rel) for rel, _ in hashes]
+
+        sensitive: set[str] = set()
+        images: list[torch.Tensor] = []
+        facts: dict[str, Counter] = {k: Counter() for k in ("modality", "stored", "bits", "photometric", "window")}
+        spacings: list[float] = []
+        no_spacing = rescaled = declared_clean = 0
+        first: tuple[tuple[int, int], str] | None = None
+        for (label, cls, path), case in zip(files, case_ids):
+            where = f"{ds_name}: case {case} in class folder {cls!r}"
+            sensitive |= file_name_values(path.name)
+            ds = self._read(path, where)
+            with quiet_pydicom():
+                harvest(ds.file_meta, sensitive)
+                harvest(ds, sensitive)
+                values, info = self._pixels(ds, where)
+            declared_clean += str(getattr(ds, "BurnedInAnnotation", "")).strip().upper() == "NO"
+            facts["modality"][info["modality"]] += 1
+            facts["stored"][values.shape] += 1
+            facts["bits"][info["bits"]] += 1
+            facts["photometric"][info["photometric"]] += 1
+            rescaled += info["rescaled"]
+            if info["spacing"] is None:
+                no_spacing += 1
+            else:
+                spacings += info["spacing"]
+
+            window = p.window if p.window is not None else info["window"]
+            facts["window"]["spec" if p.window is not None else ("file" if window is not None else "minmax")] += 1
+            image = _window(values, window)
+            if info["photometric"] == "MONOCHROME1":
+                image = 1.0 - image
+            x = torch.from_numpy(image)[None]
+            if p.size is not None:
+                if tuple(x.shape[1:]) != (p.size, p.size):
+                    x = F.interpolate(
+                        x[None], size=(p.size, p.size), mode="bilinear", align_corners=False, antialias=True
+                    )[0]
+            elif first is None:
+                first = (tuple(x.shape[1:]), case)
+            elif tuple(x.shape[1:]) != first[0]:
+                (h0, w0), case0 = first
+                raise DataError(
+                    f"{where} is {x.shape[1]} x {x.shape[2]} (Rows x Columns) but case {case0} is {h0} x {w0}; "
+                    "set size to resize them all"
+                )
+            images.append(x.expand(p.channels, -1, -1))
+            del ds
+
+        # Class names are shown in the report anyway: a value they contain is no secret, and keeping it
+        # would make the run refuse to write its own class names.
+        sensitive = {v for v in sensitive if not any(v in cls for cls in classes)}
+        images_t = torch.stack(images).clamp_(0.0, 1.0).contiguous()
+        labels = torch.tensor([label for label, _, _ in files], dtype=torch.long)
+        fingerprint = fingerprint_of(hashes, p.model_dump(mode="json", exclude={"path"}))
+        description = self._describe(
+            p, classes, labels, images_t, facts, spacings, no_spacing, rescaled, ignored_files, ignored_folders, sensitive
+        )
+        return LoadedData(
+            images=images_t,
+            labels=labels,
+            case_ids=case_ids,
+            class_names=list(classes),
+            fingerprint=fingerprint,
+            description=description,
+            sensitive_values=frozenset(sensitive),
+            # Burned-in text is not removed: example images stay out of the report unless every
+            # file declares Burned In Annotation = NO (DICOM PS3.15 E.3.1).
+            pixels_may_identify=declared_clean < len(files),
+            intensity_window=(p.window[0] - p.window[1] / 2, p.window[0] + p.window[1] / 2) if p.window else None,
+            intensity_unit="HU" if set(facts["modality"]) == {"CT"} else "rescaled intensity units",
+        )
+
+    def _classes(self, p: DicomFolderParams) -> tuple[list[str], int]:
+        folders = sorted(f.name for f in p.path.iterdir() if f.is_dir() and not f.name.startswith("."))
+        if p.classes is None:
+            if not folders:
+                raise DataError(f"{self.name}: no class subfolders in {p.path}; put each class's files in a subfolder")
+            return folders, 0
+        missing = [c for c in p.classes if c not in folders]
+        if missing:
+            raise DataError(f"{self.name}: class folder {missing[0]!r} not found in {p.path}")
+        return list(p.classes), len(folders) - len(p.classes)
+
+    @staticmethod
+    def _read(path: Path, where: str):
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            with quiet_pydicom():
+                return pydicom.dcmread(path)
+        except InvalidDicomError:
+            raise DataError(
+                f"{where}: not a DICOM file (no 'DICM' prefix after the 128-byte preamble); export it as a DICOM "
+                "Part 10 file or remove it"
+            ) from None
+        except Exception as exc:  # pydicom raises many types for damaged files; their messages can quote values
+            raise DataError(f"{where}: corrupt or truncated DICOM file ({type(exc).__name__} while parsing)") from None
+
+    @staticmethod
+    def _pixels(ds, where: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """The image after the Modality LUT (float64, H x W), and the allowlisted facts of the file."""
+        from pydicom.pixels import apply_modality_lut
+
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise DataError(f"{where}: the file has no pixel data (not an image, or truncated before its pixels)")
+        frames = _number(ds, "NumberOfFrames")
+        if frames is not None and frames > 1:
+            raise DataError(f"{where}: multi-frame image ({int(frames)} frames) unsupported; use single-frame files")
+        samples = _number(ds, "SamplesPerPixel")
+        photometric = _text(ds, "PhotometricInterpretation")
+        if samples is not None and samples != 1:
+            raise DataError(
+                f"{where}: {samples:g} samples per pixel (colour) unsupported; this dataset reads greyscale images"
+            )
+        if photometric not in MONOCHROME:
+            shown = f"{photometric} is" if photometric in PHOTOMETRIC_TERMS else "is missing or not a defined term, so"
+            raise DataError(
+                f"{where}: photometric interpretation {shown} unsupported; this dataset reads greyscale "
+                "(MONOCHROME1/2) images"
+            )
+        try:
+            stored = ds.pixel_array
+        except Exception as exc:
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(syntax, "name", "") if getattr(syntax, "is_transfer_syntax", False) else ""
+            raise DataError(
+                f"{where}: cannot decode the pixel data ({type(exc).__name__}"
+                + (f"; transfer syntax {name}" if name else "")
+                + "): truncated or corrupt pixel data, or a compressed format without an installed decoder"
+            ) from None
+        if stored.ndim != 2:
+            raise DataError(f"{where}: pixel data has shape {tuple(stored.shape)}; expected a single greyscale frame")
+        try:
+            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        except Exception as exc:
+            raise DataError(
+                f"{where}: cannot apply the Modality LUT / Rescale Slope and Intercept ({type(exc).__name__})"
+            ) from None
+        if not np.isfinite(values).all():
+            raise DataError(f"{where}: the image contains NaN or Inf values")
+        center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
+        modality = _text(ds, "Modality")
+        spacing = _numbers(ds, "PixelSpacing")
+        bits = _number(ds, "BitsStored")
+        return values, {
+            "modality": modality if modality in MODALITIES else "other",
+            "photometric": photometric,
+            "bits": int(bits) if bits is not None and bits == int(bits) and 1 <= bits <= 64 else None,
+            "spacing": list(spacing) if spacing is not None and len(spacing) == 2 and min(spacing) > 0 else None,
+            "window": (center, width) if center is not None and width is not None and width > 0 else None,
+            "rescaled": int(any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"))),
+        }
+
+    def _describe(
+        self, p, classes, labels, images, facts, spacings, no_spacing, rescaled, ignored_files, ignored_folders, sensitive
+    ) -> str:
+        """Aggregate technical facts only; a part that happens to contain a sensitive value is dropped."""
+
+        def counts(counter: Counter, fmt=str) -> str:
+            return ", ".join(f"{fmt(k)} ({v})" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+        n, c, h, w = images.shape
+        per_class = Counter(labels.tolist())
+        windows = facts["window"]
+        if p.window is not None:
+            window = f"window centre {p.window[0]:g}, width {p.window[1]:g} (from the spec)"
+        else:
+            sources = (("each file's own Window Center/Width", "file"), ("each image's own min-max", "minmax"))
+            window = "window: " + ", ".join(f"{text} ({windows[k]})" for text, k in sources if windows[k])
+        parts = [
+            f"{self.name}: {n} single-frame DICOM images in {len(classes)} classes ("
+            + ", ".join(f"{cls}: {per_class[i]}" for i, cls in enumerate(classes))
+            + ")",
+            f"{c} x {h} x {w}" + (f" (resized to {p.size} x {p.size})" if p.size is not None else ""),
+            "modality " + counts(facts["modality"]),
+            "stored Rows x Columns " + counts(facts["stored"], lambda s: f"{s[0]} x {s[1]}"),
+            "bits stored " + counts(facts["bits"], lambda b: "unknown" if b is None else str(b)),
+            "photometric " + counts(facts["photometric"]),
+            (f"pixel spacing {min(spacings):.4g} to {max(spacings):.4g} mm" if spacings else "no pixel spacing")
+            + (f" ({no_spacing} images without one)" if spacings and no_spacing else ""),
+            f"Modality LUT / rescale applied to {rescaled} images",
+            window,
+        ]
+        if ignored_files:
+            parts.append(f"{ignored_files} non-DICOM files ignored")
+        if ignored_folders:
+            parts.append(f"{ignored_folders} subfolders not in classes ignored")
+        return "; ".join(part for part in parts if not any(v in part for v in sensitive))
+
+
+def _window(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Map [centre - width / 2, centre + width / 2] (or the image's min-max) to [0, 1] with clipping."""
+    if window is not None:
+        low, width = window[0] - window[1] / 2.0, window[1]
+    else:
+        low, width = float(values.min()), float(values.max() - values.min())
+    if width <= 0:
+        return np.zeros(values.shape, dtype=np.float32)
+    return np.clip((values - low) / width, 0.0, 1.0).astype(np.float32)
+
+
+@hookimpl
+def register_datasets(register):
+    register(DicomFolder)
