@@ -105,8 +105,9 @@ def validate(spec_path: Path) -> None:
     from medaudit.audits.plan import plan_jobs
     from medaudit.audits.spec import load_spec
 
-    spec = load_spec(spec_path, _host())
-    click.echo(f"{spec_path}: valid; {len(plan_jobs(spec))} jobs planned")
+    host = _host()
+    spec = load_spec(spec_path, host)
+    click.echo(f"{spec_path}: valid; {len(plan_jobs(spec, host))} jobs planned")
     if "pdf" in spec.report.formats:
         from medaudit.reports.pdf import find_chromium
 

@@ -12,6 +12,8 @@ from medaudit.core.errors import SpecError
 from medaudit.core.host import Host
 
 CLEAN = "clean"
+#: Appended to an attack's label for its run against a defense's adaptive view.
+ADAPTIVE_SUFFIX = "@adaptive"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +26,17 @@ class Job:
 
     id: str
     defense: str
-    attack: str  #: attack label, or ``clean``
+    attack: str  #: attack label (``<label>@adaptive`` for an adaptive attack), or ``clean``
     attack_name: str | None
     epsilon: float
     config: dict
+    #: Attack the defense's adaptive view (BPDA/EOT) instead of the defended model as it is.
+    adaptive: bool = False
+
+    @property
+    def spec_attack(self) -> str:
+        """The attack's label in the spec (an adaptive twin shares its attack's)."""
+        return self.attack.removesuffix(ADAPTIVE_SUFFIX)
 
     @property
     def is_clean(self) -> bool:
@@ -44,25 +53,34 @@ def _job_id(slug: str, config: dict) -> str:
     return f"{slug}-{digest}"
 
 
-def plan_jobs(spec: Spec) -> list[Job]:
-    """Every job of the audit, clean jobs first, in a stable order."""
+def plan_jobs(spec: Spec, host: Host) -> list[Job]:
+    """Every job of the audit, clean jobs first, in a stable order. A defense with an
+    adaptive view gets each gradient attack twice: naive, then ``<label>@adaptive``."""
     jobs: list[Job] = []
     defenses = [(NO_DEFENSE, None)] + [(d.label, d) for d in spec.defenses]
     for d_label, d_ref in defenses:
         d_config = None if d_ref is None else {"name": d_ref.name, "params": d_ref.params}
         config = {"task": spec.task.value, "defense": d_config, "attack": None}
         jobs.append(Job(_job_id(f"{d_label}.clean", config), d_label, CLEAN, None, 0.0, config))
+        has_adaptive = d_ref is not None and bool(host.get("defense", d_ref.name).adaptive)
         for a_ref in spec.attacks:
-            for i, eps in enumerate(spec.threat_model.epsilons):
-                config = {
-                    "task": spec.task.value,
-                    "defense": d_config,
-                    "attack": {"name": a_ref.name, "params": a_ref.params},
-                    "norm": spec.threat_model.norm.value,
-                    "epsilon": eps,
-                }
-                slug = f"{d_label}.{a_ref.label}.eps{i}"
-                jobs.append(Job(_job_id(slug, config), d_label, a_ref.label, a_ref.name, eps, config))
+            views = [False]
+            if has_adaptive and host.get("attack", a_ref.name).needs is Access.GRADIENTS:
+                views.append(True)
+            for adaptive in views:
+                label = f"{a_ref.label}{ADAPTIVE_SUFFIX if adaptive else ''}"
+                for i, eps in enumerate(spec.threat_model.epsilons):
+                    config = {
+                        "task": spec.task.value,
+                        "defense": d_config,
+                        "attack": {"name": a_ref.name, "params": a_ref.params},
+                        "norm": spec.threat_model.norm.value,
+                        "epsilon": eps,
+                    }
+                    if adaptive:
+                        config["adaptive"] = True
+                    slug = f"{d_label}.{label}.eps{i}"
+                    jobs.append(Job(_job_id(slug, config), d_label, label, a_ref.name, eps, config, adaptive))
     return jobs
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from statistics import NormalDist, fmean
 from typing import Any
 
-from medaudit.audits.plan import Job
+from medaudit.audits.plan import ADAPTIVE_SUFFIX, Job
 from medaudit.audits.records import read_records
 from medaudit.audits.spec import NO_DEFENSE, WORST_CASE, Criterion, Spec, epsilon_label
 from medaudit.core.components import Metric, MetricValue
@@ -21,6 +21,8 @@ from medaudit.core.host import Host
 from medaudit.core.segmentation import case_mean
 
 PASS, FAIL, INCONCLUSIVE, INVALID, WARN = "PASS", "FAIL", "INCONCLUSIVE", "INVALID", "WARN"
+#: A validity check whose subject is absent from the audit (e.g. no FGSM to compare).
+NOT_APPLICABLE = "N/A"
 NOT_ASSESSED = "NOT ASSESSED"
 
 VERDICT_EXIT_CODES = {
@@ -33,6 +35,12 @@ VERDICT_EXIT_CODES = {
 
 #: Slack for floating-point round-off when checking that a perturbation respects its budget.
 BUDGET_TOLERANCE = 1e-5
+#: Gap in a robust metric (absolute) above which one attack counts as stronger than another.
+STRENGTH_TOLERANCE = 0.05
+#: Iterative gradient attacks FGSM is compared with.
+ITERATIVE_ATTACKS = frozenset({"pgd", "bim", "mifgsm", "tifgsm", "apgd-ce", "apgd-t", "autoattack"})
+#: An L-inf budget at which any classifier should be nearly always fooled (methods.md 12, C17).
+LARGE_LINF = 16 / 255
 
 
 def wilson_interval(successes: int, n: int, confidence: float) -> tuple[float, float]:
@@ -187,7 +195,10 @@ def _row(
 # -- validity -------------------------------------------------------------------------
 
 
-def validity_checks(spec: Spec, jobs: list[Job], records: dict[str, list[dict]], rows: list[dict]) -> list[dict]:
+def validity_checks(
+    spec: Spec, host: Host, jobs: list[Job], records: dict[str, list[dict]], rows: list[dict],
+    gradient_health: dict[str, dict] | None = None,
+) -> list[dict]:
     """Checks that the numbers can support a claim. ``gating`` failures make the audit INVALID."""
     norm_field = "linf" if spec.threat_model.norm.value == "linf" else "l2"
     worst_excess, out_of_range = 0.0, 0
@@ -217,6 +228,7 @@ def validity_checks(spec: Spec, jobs: list[Job], records: dict[str, list[dict]],
             if v0 is not None and v1 is not None and v1 > v0 + 1e-12:
                 bumps.append(f"{defense}: {v0:.3f} at {e0} -> {v1:.3f} at {e1}")
     if headline in spec.metrics:
+        checks += _attack_strength_checks(spec, host, jobs, rows, headline)
         checks.append(
             {
                 "id": "epsilon_monotonic",
@@ -226,7 +238,83 @@ def validity_checks(spec: Spec, jobs: list[Job], records: dict[str, list[dict]],
                 "evidence": "; ".join(bumps) if bumps else "non-increasing for every defense",
             }
         )
+    if gradient_health:
+        checks.append(gradient_check(gradient_health))
     return checks
+
+
+def _check(check_id: str, title: str, problems: list[str], ok: str, applicable: bool = True) -> dict:
+    status = NOT_APPLICABLE if not applicable else WARN if problems else PASS
+    return {"id": check_id, "title": title, "status": status, "gating": False,
+            "evidence": "; ".join(problems) if problems else ok}
+
+
+def _attack_strength_checks(spec: Spec, host: Host, jobs: list[Job], rows: list[dict], headline: str) -> list[dict]:
+    """Carlini et al. (2019) sanity checks on the attacks' relative strength (methods.md 12:
+    C4 iterative >= single-step, C5 white-box >= black-box, C10 naive vs adaptive, C3/C17
+    large budgets). Each compares robust metrics of the same defense and budget; a gap
+    counts when it exceeds ``STRENGTH_TOLERANCE`` (a fixed 5 points: with a few hundred
+    cases, smaller gaps are within sampling noise)."""
+    value = {(r["defense"], r["attack"], r["epsilon"]): (r["metrics"].get(headline) or {}).get("value") for r in rows}
+    names = {j.attack: j.attack_name for j in jobs if not j.is_clean}
+    needs = {label: host.get("attack", name).needs.value for label, name in names.items()}
+    single, masked, blackbox = [], [], []
+    for (defense, attack, eps), v in value.items():
+        if v is None or attack == WORST_CASE:
+            continue
+        where = f"{defense}, eps {epsilon_label(eps)}"
+        if names.get(attack) == "fgsm":  # against the iterative attacks of the same view (naive or adaptive)
+            view = attack.endswith(ADAPTIVE_SUFFIX)
+            iterative = [(a, value.get((defense, a, eps))) for a, n in names.items()
+                         if n in ITERATIVE_ATTACKS and a.endswith(ADAPTIVE_SUFFIX) == view]
+            beaten = [(a, w) for a, w in iterative if w is not None and w > v + STRENGTH_TOLERANCE]
+            single += [f"{where}: {attack} {v:.3f} < {a} {w:.3f}" for a, w in beaten]
+        if attack.endswith(ADAPTIVE_SUFFIX):
+            naive = value.get((defense, attack[: -len(ADAPTIVE_SUFFIX)], eps))
+            if naive is not None and naive > v + STRENGTH_TOLERANCE:
+                masked.append(f"{where}: naive {attack[: -len(ADAPTIVE_SUFFIX)]} {naive:.3f} vs adaptive {v:.3f}")
+        if needs.get(attack) in ("scores", "decisions"):
+            white = [w for (d, a, e), w in value.items()
+                     if d == defense and e == eps and needs.get(a) == "gradients" and w is not None]
+            if white and v + STRENGTH_TOLERANCE < min(white):
+                blackbox.append(f"{where}: {attack} {v:.3f} < best white-box {min(white):.3f}")
+    label = headline.replace("_", " ")
+    has_pair = "fgsm" in names.values() and bool(ITERATIVE_ATTACKS & set(names.values()))
+    has_blackbox = bool({"scores", "decisions"} & set(needs.values())) and "gradients" in needs.values()
+    checks = [
+        _check("iterative_beats_single_step", f"Iterative attacks do at least as well as FGSM ({label})", single,
+               "no single-step attack beat an iterative one by more than 5 points" if has_pair
+               else "FGSM and an iterative gradient attack are needed", applicable=has_pair),
+        _check("whitebox_beats_blackbox", f"White-box attacks do at least as well as score- and decision-based ones ({label})",
+               blackbox, "no gradient-free attack beat the best white-box attack by more than 5 points" if has_blackbox
+               else "a gradient-free and a gradient attack are needed", applicable=has_blackbox),
+    ]
+    if any(j.adaptive for j in jobs):
+        checks.append(_check(
+            "naive_vs_adaptive", f"Naive attacks on defenses are not far weaker than adaptive ones ({label})", masked,
+            "every naive attack came within 5 points of its adaptive twin",
+        ))
+    if spec.threat_model.norm.value == "linf" and spec.task.value == "classification":
+        top = max(spec.threat_model.epsilons)
+        high = [f"{d}: {v:.3f}" for (d, a, e), v in value.items() if a == WORST_CASE and e == top and v is not None and v > 0.1]
+        checks.append(_check(
+            "large_budget_breaks_model", "Robust accuracy falls towards 0 at large budgets",
+            high if top >= LARGE_LINF else [],
+            f"worst-case robust accuracy at eps {epsilon_label(top)} is at most 0.1 for every model"
+            if top >= LARGE_LINF else f"the largest budget, {epsilon_label(top)}, is below {epsilon_label(LARGE_LINF)}",
+            applicable=top >= LARGE_LINF,
+        ))
+    return checks
+
+
+def gradient_check(gradient_health: dict[str, dict]) -> dict:
+    """AutoAttack's zero-gradient flag (methods.md 12, C8) on the first batch of each model."""
+    problems = [
+        f"{label}: {h['zero']} of {h['n']} inputs with an all-zero gradient, {h['nonfinite']} non-finite"
+        for label, h in gradient_health.items() if h["zero"] or h["nonfinite"]
+    ]
+    return _check("gradients_usable", "Input gradients are finite and non-zero", problems,
+                  f"finite, non-zero input gradients for every model ({', '.join(gradient_health)})")
 
 
 # -- acceptance -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,16 +23,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import medaudit
 from medaudit.audits import rundir
-from medaudit.audits.plan import Job, check_model_access, plan_jobs
+from medaudit.audits.plan import ADAPTIVE_SUFFIX, Job, check_model_access, plan_jobs
 from medaudit.audits.records import (
     EXAMPLE_CASES, FEATURE_CASES, RecordWriter, dense_scores, is_done, read_records, save_examples, save_features,
 )
 from medaudit.audits.results import acceptance, compute_results, validity_checks
 from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
-from medaudit.core.components import Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, Task, component_info
+from medaudit.core.components import Access, Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, Task, component_info
 from medaudit.core.environment import describe_environment, select_device
 from medaudit.core.models import SpeedWrapper, prepare_for_audit
-from medaudit.core.perturbation import project
+from medaudit.core.perturbation import input_gradient, project
 from medaudit.core.probes import FeatureTap
 from medaudit.core.errors import DataError, EnvironmentProblem, ExitCode, MedauditError, PrivacyError, SpecError
 from medaudit.core.host import Host
@@ -155,17 +156,24 @@ class Runner:
         check_model_access(spec, self.host, self.model)
         self.model.module.to(self.device)
         self.models = {NO_DEFENSE: self.model}
-        for ref in spec.defenses:
-            cls = self.host.get("defense", ref.name)
-            defended = cls(cls.Params.model_validate(ref.params)).apply(self.model, self.data)
-            defended.module.to(self.device)
-            self.models[ref.label] = defended
-        self._apply_speed_switches()
-        self.attacks: dict[str, Attack] = {}
         context = AttackContext(
             data=self.data, load_dataset=self._load_dataset, device=self.device, task=spec.task,
             num_classes=self.model.num_classes,
         )
+        for i, ref in enumerate(spec.defenses):
+            cls = self.host.get("defense", ref.name)
+            defense = cls(cls.Params.model_validate(ref.params))
+            try:
+                defense.prepare(context)
+                defended = defense.apply(self.model, self.data)
+            except ValueError as exc:
+                raise SpecError([f"defenses[{i}]: defense {ref.label!r}: {exc}"], source="plan") from None
+            defended.module.to(self.device)
+            if defended.adaptive_module is not None:
+                defended.adaptive_module.to(self.device)
+            self.models[ref.label] = defended
+        self._apply_speed_switches()
+        self.attacks: dict[str, Attack] = {}
         for i, ref in enumerate(spec.attacks):
             cls = self.host.get("attack", ref.name)
             self.attacks[ref.label] = attack = cls(cls.Params.model_validate(ref.params))
@@ -173,11 +181,13 @@ class Runner:
                 attack.prepare(context)
             except ValueError as exc:
                 raise SpecError([f"attacks[{i}]: attack {ref.label!r}: {exc}"], source="plan") from None
-        self.jobs = plan_jobs(spec)
+        self.jobs = plan_jobs(spec, self.host)
         self.fingerprints = {
             "spec_sha256": spec.digest(),
             "model_sha256": self.model.fingerprint,
             "data_sha256": self.data.fingerprint,
+            **{f"defense_{label}_sha256": m.fingerprint for label, m in self.models.items()
+               if m.fingerprint != self.model.fingerprint},
         }
 
     def _apply_speed_switches(self) -> None:
@@ -189,7 +199,10 @@ class Runner:
         dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[runtime.autocast]
         for label, loaded in self.models.items():
             wrapped = SpeedWrapper(loaded.module, dtype, runtime.channels_last)
-            self.models[label] = dataclasses.replace(loaded, module=prepare_for_audit(wrapped))
+            adaptive = loaded.adaptive_module
+            if adaptive is not None:
+                adaptive = prepare_for_audit(SpeedWrapper(adaptive, dtype, runtime.channels_last))
+            self.models[label] = dataclasses.replace(loaded, module=prepare_for_audit(wrapped), adaptive_module=adaptive)
 
     def _load_dataset(self, name: str, params: dict[str, Any]) -> LoadedData:
         try:
@@ -215,6 +228,10 @@ class Runner:
             rundir.init_run_dir(
                 run_dir, self.spec.model_dump(mode="json"), self.fingerprints, describe_environment(self.device)
             )
+            for label, loaded in self.models.items():  # trained defenses: their weights belong to the record
+                if "trained_checkpoint" in loaded.source:
+                    (run_dir / "defenses").mkdir(exist_ok=True)
+                    shutil.copyfile(loaded.source["trained_checkpoint"], run_dir / "defenses" / f"{label}.pt")
         self.run_dir = run_dir
         rundir.log_event(run_dir, event="resume" if resume_dir else "start", command=self.command)
         self.host.pm.hook.audit_started(spec=self.spec, run_dir=run_dir, jobs=self.jobs)
@@ -265,6 +282,26 @@ class Runner:
         self.host.pm.hook.audit_finished(results=results, run_dir=run_dir)
         return Outcome(run_dir, results)
 
+    def gradient_health(self, cases: int = 32) -> dict[str, dict]:
+        """Per model an attack differentiates (each defense's naive and adaptive views): how
+        many of the first ``cases`` inputs get an all-zero or non-finite loss gradient."""
+        n = min(cases, self.spec.runtime.batch_size, len(self.data))
+        x = self.data.images[:n].to(self.device)
+        y = (self.data.masks if self.spec.task is Task.SEGMENTATION else self.data.labels)[:n].to(self.device)
+        health = {}
+        for label, loaded in self.models.items():
+            if Access.GRADIENTS not in loaded.access:
+                continue
+            views = {label: loaded.module}
+            if loaded.adaptive_module is not None:
+                views[f"{label}{ADAPTIVE_SUFFIX}"] = loaded.adaptive_module
+            for name, module in views.items():
+                with torch.enable_grad():
+                    _, grad = input_gradient(module, x, y)
+                flat = grad.flatten(1)
+                health[name] = {"n": n, "zero": int((flat == 0).all(1).sum()), "nonfinite": int((~flat.isfinite()).any(1).sum())}
+        return health
+
     def _refuse_identifying_text(self, texts: dict[str, str], refused: str) -> None:
         """Fail closed if a text about to be written holds a value the data set flagged as
         identifying (DICOM header values, file names). The message names the files and a
@@ -292,12 +329,15 @@ class Runner:
     def run_job(self, job: Job, progress: Progress) -> dict[str, Any]:
         started = time.perf_counter()
         model = self.models[job.defense].module
+        # What the attack differentiates: the defended model, or its adaptive view (BPDA/EOT);
+        # predictions are always those of the defended model itself.
+        self._attacked = self.models[job.defense].adaptive_module if job.adaptive else model
         n, bs = len(self.data), self.spec.runtime.batch_size
         dense = self.spec.task is Task.SEGMENTATION
         attack: Attack | None = None
         clean: list[dict] = []
         if not job.is_clean:
-            attack = self.attacks[job.attack]
+            attack = self.attacks[job.spec_attack]
             clean_job = next(j for j in self.jobs if j.defense == job.defense and j.is_clean)
             clean = read_records(self.run_dir, clean_job.id)
         generator = torch.Generator(device=self.device).manual_seed(job_seed(self.spec.runtime.seed, job.id))
@@ -344,7 +384,7 @@ class Runner:
         x_adv, target = x, None
         if attack is not None:
             with torch.enable_grad():
-                x_adv = attack.perturb(model, x, y, eps=job.epsilon, norm=self.spec.threat_model.norm, generator=generator)
+                x_adv = attack.perturb(self._attacked, x, y, eps=job.epsilon, norm=self.spec.threat_model.norm, generator=generator)
             target = attack.target_masks(y)
         with torch.inference_mode():
             pred = model(x_adv).argmax(1)
@@ -405,7 +445,7 @@ class Runner:
         if len(idx):
             x_att, y_att = x[idx], y[idx]
             if isinstance(attack, MinimumNormAttack):
-                x_min = self._minimal_adversarial(model, attack, job, x_att, y_att, start)
+                x_min = self._minimal_adversarial(self._attacked, attack, job, x_att, y_att, start)
                 x_adv = project(x_min, x_att, job.epsilon, norm) if job.epsilon > 0 else x_att.clone()
                 with torch.inference_mode():
                     found = model(x_min).argmax(1) != y_att
@@ -413,7 +453,7 @@ class Runner:
                 min_norm[idx] = torch.where(found, size, torch.full_like(size, float("nan")))
             else:
                 with torch.enable_grad():
-                    x_adv = attack.perturb(model, x_att, y_att, eps=job.epsilon, norm=norm, generator=generator)
+                    x_adv = attack.perturb(self._attacked, x_att, y_att, eps=job.epsilon, norm=norm, generator=generator)
             with torch.inference_mode(), self._tap.capture(start + idx):
                 adv_pred[idx] = model(x_adv).argmax(1)
             delta = (x_adv - x_att).float()
@@ -463,7 +503,7 @@ class Runner:
         data = self.data
         dense = spec.task is Task.SEGMENTATION
         computed = compute_results(spec, host, self.jobs, self.run_dir, data.mask_class_names if dense else data.class_names)
-        checks = validity_checks(spec, self.jobs, computed["records"], computed["rows"])
+        checks = validity_checks(spec, host, self.jobs, computed["records"], computed["rows"], self.gradient_health())
         accepted = acceptance(spec, host, computed, checks)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
@@ -528,7 +568,9 @@ class Runner:
                 for a in spec.attacks
             ],
             "defenses": [
-                {"label": d.label, "name": d.name, "params": d.params, **self._provenance("defense", d.name)}
+                {"label": d.label, "name": d.name, "params": d.params, "summary": host.get("defense", d.name).summary(),
+                 "adaptive": host.get("defense", d.name).adaptive, "sha256": self.models[d.label].fingerprint,
+                 "training": self.models[d.label].source.get("training"), **self._provenance("defense", d.name)}
                 for d in spec.defenses
             ],
             "metrics": [

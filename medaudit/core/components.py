@@ -79,7 +79,7 @@ class Component(abc.ABC):
         """First paragraph of the docstring, on one line: what ``medaudit plugins`` and the
         report show."""
         doc = (cls.__doc__ or "").strip()
-        return " ".join(doc.split("\n\n")[0].split())
+        return " ".join(doc.split("\n\n")[0].split()).replace("``", "")
 
 
 # -- models ---------------------------------------------------------------------------
@@ -104,6 +104,9 @@ class LoadedModel:
     fingerprint: str
     description: str = ""
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: A defense's adaptive view (see :class:`Defense`): the same outputs as ``module`` with
+    #: gradients an attacker can use; None when ``module``'s own gradients serve.
+    adaptive_module: "torch.nn.Module | None" = None
 
 
 class ModelLoader(Component):
@@ -247,7 +250,22 @@ class MinimumNormAttack(Attack):
 
 
 class Defense(Component):
-    """Wraps the audited model (input transform, detector, retrained weights...)."""
+    """Wraps the audited model (input transform, detector, retrained weights...).
+
+    Every gradient attack runs against the defended model as it is (the *naive* attack)
+    and, when the defense sets ``adaptive``, a second time against the ``adaptive_module``
+    its :meth:`apply` returns (the *adaptive* attack, e.g. BPDA through a
+    non-differentiable transform, EOT over a random one); the report shows both and the
+    worst case takes the stronger per case.
+    """
+
+    #: How the adaptive attack sees this defense, for the report; empty when the defended
+    #: model's own gradients are exact and useful, so the naive attack is already adaptive.
+    adaptive: ClassVar[str] = ""
+
+    def prepare(self, context: "AttackContext") -> None:
+        """Load what the defense needs beyond the model, e.g. its training split (through
+        ``context.load_dataset``); raise ValueError for a bad configuration."""
 
     @abc.abstractmethod
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:

@@ -55,6 +55,8 @@ BUILTIN_PLUGINS = (
     "medaudit.plugins.watermark",
     "medaudit.plugins.universal",
     "medaudit.plugins.art_bridge",
+    "medaudit.plugins.input_transforms",
+    "medaudit.plugins.trained_defenses",
     "medaudit.plugins.classification_metrics",
     "medaudit.plugins.segmentation_metrics",
     "medaudit.plugins.report_sections",

@@ -13,6 +13,7 @@ import hashlib
 from typing import Any
 
 from medaudit import hookimpl
+from medaudit.audits.plan import ADAPTIVE_SUFFIX
 from medaudit.core.components import ReportSection
 
 #: The MITRE ATLAS release the identifiers below were taken from (names change between releases).
@@ -62,7 +63,7 @@ class Summary(ReportSection):
     name, title, order, template = "summary", "Executive summary", 20, "sections/summary.html.j2"
 
     def context(self, results: dict) -> dict[str, Any]:
-        counts = {s: sum(c["status"] == s for c in results["validity"]) for s in ("PASS", "WARN", "FAIL")}
+        counts = {s: sum(c["status"] == s for c in results["validity"]) for s in ("PASS", "WARN", "FAIL", "N/A")}
         metric = headline_metric(results)
         worst = worst_case_rows(results)
         largest = max(worst, key=lambda r: r["epsilon"]) if worst and metric else None
@@ -108,20 +109,34 @@ class Results(ReportSection):
 
 
 class Defenses(ReportSection):
-    """Each defended pipeline next to the undefended model, per attack and budget."""
+    """Each defense next to the undefended model: naive and adaptive attacks, and the
+    trade-off between clean performance and robustness."""
 
     name, title, order, template = "defenses", "Defenses", 80, "sections/defenses.html.j2"
 
     def context(self, results: dict) -> dict[str, Any]:
         metric = headline_metric(results)
-        by_key = {(r["defense"], r["attack"], r["epsilon"]): r for r in results["rows"]}
-        table = [
-            {"defense": r["defense"], "attack": r["attack"], "epsilon_label": r["epsilon_label"],
-             "undefended": (by_key.get(("none", r["attack"], r["epsilon"])) or {}).get("metrics", {}).get(metric),
-             "defended": r["metrics"].get(metric)}
-            for r in results["rows"] if r["defense"] != "none"
-        ]
-        return {"headline": metric, "table": table}
+        clean_metric = next((m["name"] for m in results["metrics"] if m["clean"] and m["name"] in ("clean_accuracy", "clean_dice")), None)
+        value = {(r["defense"], r["attack"], r["epsilon"]): r["metrics"].get(metric) for r in results["rows"]}
+        defenses = []
+        for d in results["defenses"]:
+            label = d["label"]
+            attacks = [a["label"] for a in results["attacks"]] + ["worst_case"]
+            table = [
+                {"attack": a, "epsilon_label": r["epsilon_label"],
+                 "undefended": value.get(("none", a, r["epsilon"])), "naive": value.get((label, a, r["epsilon"])),
+                 "adaptive": value.get((label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"])),
+                 "has_adaptive": (label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]) in value}
+                for a in attacks for r in results["rows"] if r["defense"] == label and r["attack"] == a
+            ]
+            trade = [
+                {"epsilon_label": r["epsilon_label"], "undefended": value.get(("none", "worst_case", r["epsilon"])),
+                 "defended": r["metrics"].get(metric)}
+                for r in results["rows"] if r["defense"] == label and r["attack"] == "worst_case"
+            ]
+            clean = {k: (results["clean"].get(k) or {}).get(clean_metric) for k in ("none", label)}
+            defenses.append({**d, "table": table, "trade": trade, "clean": clean})
+        return {"headline": metric, "clean_metric": clean_metric, "defenses": defenses, "suffix": ADAPTIVE_SUFFIX}
 
 
 class Validity(ReportSection):

@@ -45,6 +45,8 @@ def render_junit(results: dict) -> str:
         case = ET.Element("testcase", classname=f"{suite_name}.validity", name=f"{check['id']}: {check['title']}")
         if check["status"] == "FAIL" and check["gating"]:
             ET.SubElement(case, "failure", message=f"INVALID: {check['evidence']}", type="INVALID").text = check["evidence"]
+        elif check["status"] == "N/A":
+            ET.SubElement(case, "skipped", message=f"not applicable: {check['evidence']}")
         else:
             ET.SubElement(case, "system-out").text = f"{check['status']}: {check['evidence']}"
         cases.append(case)
