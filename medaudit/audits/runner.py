@@ -267,7 +267,7 @@ class Runner:
 
             outputs["junit.xml"] = render_junit(results)
         if self.data.sensitive_values:
-            self._refuse_identifying_text(self._final_texts(outputs), "write results.json and the reports")
+            self._refuse_identifying_text(self._final_texts(outputs, results), "write results.json and the reports")
         for name, text in outputs.items():
             rundir.write_atomic(run_dir / name, text)
         if "pdf" in self.spec.report.formats:
@@ -315,10 +315,10 @@ class Runner:
                 "plugin's output or the class names) and run again."
             )
 
-    def _final_texts(self, outputs: dict[str, str]) -> dict[str, str]:
+    def _final_texts(self, outputs: dict[str, str], results: dict) -> dict[str, str]:
         """The outputs as a reader would see them, plus every text file already in the run dir."""
         texts = dict(outputs)
-        texts["results.json"] = json.dumps(json.loads(outputs["results.json"]), ensure_ascii=False)  # no \u escapes
+        texts["results.json"] = json.dumps(results, ensure_ascii=False, default=str)  # no \u escapes
         if "report.html" in texts:  # figures are PNG bytes in base64, not text
             texts["report.html"] = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", texts["report.html"])
         for path in sorted(self.run_dir.rglob("*")):

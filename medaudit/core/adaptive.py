@@ -6,12 +6,11 @@ quantisation, JPEG or a median filter gives zero, useless or no gradients: the a
 fails and the defense looks strong (obfuscated gradients, Athalye et al. 2018). The
 adaptive view keeps the forward pass exact and replaces the backward pass:
 
-* BPDA (Backward Pass Differentiable Approximation): the forward pass is ``transform(x)``,
-  the backward pass is that of a differentiable ``surrogate`` (the identity by default);
-* EOT (Expectation over Transformation), for randomised transforms: the logits are
-  averaged over several draws, so the attack follows the gradient of the expected output.
+BPDA (Backward Pass Differentiable Approximation): the forward pass is ``transform(x)``,
+the backward pass is that of a differentiable ``surrogate`` (the identity by default).
+EOT for randomised transforms is not built: no built-in defense is randomised.
 
-Carlini et al. (2019), items 12 and 13; methods.md section 12 (checks C9, C10).
+Carlini et al. (2019), item 13; methods.md section 12 (check C10).
 """
 
 from __future__ import annotations
@@ -60,13 +59,11 @@ class TransformDefended(nn.Module):
 
 class AdaptiveView(nn.Module):
     """The defended system as an adaptive attacker differentiates it: the exact forward
-    pass, BPDA through ``transform`` and, when ``eot_samples > 1``, logits averaged over
-    that many draws of a randomised transform."""
+    pass, with BPDA through ``transform``."""
 
-    def __init__(self, model: nn.Module, transform: Transform, surrogate: Transform | None = None, eot_samples: int = 1):
+    def __init__(self, model: nn.Module, transform: Transform, surrogate: Transform | None = None):
         super().__init__()
-        self.model, self.transform, self.surrogate, self.eot_samples = model, transform, surrogate, eot_samples
+        self.model, self.transform, self.surrogate = model, transform, surrogate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        draws = [self.model(bpda(x, self.transform, self.surrogate)) for _ in range(self.eot_samples)]
-        return draws[0] if len(draws) == 1 else torch.stack(draws).mean(0)
+        return self.model(bpda(x, self.transform, self.surrogate))

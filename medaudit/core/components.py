@@ -255,8 +255,8 @@ class Defense(Component):
     Every gradient attack runs against the defended model as it is (the *naive* attack)
     and, when the defense sets ``adaptive``, a second time against the ``adaptive_module``
     its :meth:`apply` returns (the *adaptive* attack, e.g. BPDA through a
-    non-differentiable transform, EOT over a random one); the report shows both and the
-    worst case takes the stronger per case.
+    non-differentiable transform); the report shows both and the worst case takes the
+    stronger per case.
     """
 
     #: How the adaptive attack sees this defense, for the report; empty when the defended

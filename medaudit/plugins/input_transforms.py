@@ -27,6 +27,7 @@ stronger of the two, which is why both run. ``jpeg`` encodes with ``torchvision.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -47,8 +48,9 @@ class _TransformDefense(Defense):
 
     tasks = BOTH_TASKS
 
+    @abc.abstractmethod
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The defense's transform of pixel-space images, as the defended system applies it."""
 
     def surrogate(self, x: torch.Tensor) -> torch.Tensor:
         """The differentiable stand-in whose gradient the adaptive attack uses (identity)."""

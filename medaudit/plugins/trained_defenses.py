@@ -145,13 +145,21 @@ class _AdversarialTraining(TrainedDefense):
     :mod:`medaudit.plugins.adversarial_training`); differentiable, so no adaptive twin."""
 
     tasks = frozenset({Task.CLASSIFICATION})
+    #: Defense params that are not the training function's keyword arguments.
     EXTRA = {"train_data", "seed"}
+
+    def extra_inputs(self, device) -> tuple:
+        """Positional inputs the training function takes after the labels (none)."""
+        return ()
 
     def fit(self, module, train):
         device = next(module.parameters()).device
         kwargs = self.params.model_dump(exclude=self.EXTRA)
         generator = torch.Generator().manual_seed(self.params.seed)
-        return dict(type(self).train_fn(module, train.images.to(device), train.labels.to(device), generator=generator, **kwargs))
+        return dict(type(self).train_fn(
+            module, train.images.to(device), train.labels.to(device), *self.extra_inputs(device),
+            generator=generator, **kwargs,
+        ))
 
 
 class PgdAt(_AdversarialTraining):
@@ -178,6 +186,7 @@ class Ssat(_AdversarialTraining):
 
     name = "ssat"
     Params = SsatDefenseParams
+    train_fn = staticmethod(ssat)
     EXTRA = {"train_data", "unlabeled_data", "seed"}
 
     def prepare(self, context):
@@ -185,12 +194,8 @@ class Ssat(_AdversarialTraining):
         ref = self.params.unlabeled_data
         self.unlabeled = context.load_dataset(ref.dataset, ref.params) if ref is not None else None
 
-    def fit(self, module, train):
-        device = next(module.parameters()).device
-        kwargs = self.params.model_dump(exclude=self.EXTRA)
-        unlabeled = self.unlabeled.images.to(device) if self.unlabeled is not None else None
-        generator = torch.Generator().manual_seed(self.params.seed)
-        return dict(ssat(module, train.images.to(device), train.labels.to(device), unlabeled, generator=generator, **kwargs))
+    def extra_inputs(self, device) -> tuple:
+        return (self.unlabeled.images.to(device) if self.unlabeled is not None else None,)
 
 
 @hookimpl
