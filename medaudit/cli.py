@@ -70,15 +70,29 @@ def cli(verbose: int) -> None:
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Finish an interrupted run in this run directory.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Override runtime.output_dir.")
+@click.option("--run-dir", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the run to exactly this directory instead of <output_dir>/<audit>/<stamp>; refused if it holds files, unless --force.")
+@click.option("--force", is_flag=True, help="With --run-dir: replace an earlier run there (its files are removed once the model and data have loaded).")
 @click.option("--device", help="Override runtime.device (auto, cpu, cuda, cuda:N).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
-def run(spec_path: Path, resume_dir: Path | None, output_dir: Path | None, device: str | None, quiet: bool) -> None:
+def run(
+    spec_path: Path, resume_dir: Path | None, output_dir: Path | None, run_dir: Path | None, force: bool,
+    device: str | None, quiet: bool,
+) -> None:
     """Run the audit described by SPEC and write its report."""
     from medaudit.audits.runner import Runner
     from medaudit.audits.spec import load_spec
     from medaudit.core.environment import require_torchvision
 
+    if resume_dir is not None and run_dir is not None:
+        raise MedauditError("--resume and --run-dir exclude each other: --resume already names the run directory")
+    if force and run_dir is None:
+        raise MedauditError("--force only applies with --run-dir (a new stamped run directory never overwrites anything)")
+    if run_dir is not None:
+        from medaudit.audits.rundir import check_run_dir
+
+        check_run_dir(run_dir, force)  # before anything loads
     require_torchvision()
     host = _host()
     spec = load_spec(spec_path, host)
@@ -86,7 +100,7 @@ def run(spec_path: Path, resume_dir: Path | None, output_dir: Path | None, devic
     if overrides:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=overrides)})
     command = shlex.join(["medaudit", *sys.argv[1:]])
-    outcome = Runner(spec, host, show_progress=not quiet, command=command).run(resume_dir)
+    outcome = Runner(spec, host, show_progress=not quiet, command=command).run(resume_dir, run_dir=run_dir, force=force)
     results = outcome.results
     for c in results["acceptance"]["criteria"]:
         click.echo(f"  {c['id']}: {c['verdict']}  ({c['metric']} {c['statistic'].replace('_', ' ')} {c['op']} {c['threshold']})")

@@ -1,8 +1,10 @@
-"""The dicom-folder dataset: pixels, windowing, errors, and no patient data in any output."""
+"""The dicom-folder and dicom-series datasets: pixels, windowing, slice order, errors, and no patient
+data in any output."""
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import re
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from click.testing import CliRunner
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset as DicomDataset
@@ -326,3 +329,220 @@ def readable_text(content: bytes) -> list[bytes]:
     for match in DATA_URI.finditer(content):
         parts += readable_text(base64.b64decode(match.group(1)))
     return parts
+
+
+# -- dicom-series: volumes from series of slices and multi-frame files -----------------------
+
+
+def load_series(root: Path, **params):
+    from medaudit.plugins.dicom_series import DicomSeries, DicomSeriesParams
+
+    return DicomSeries(DicomSeriesParams(path=root, **params)).load()
+
+
+def ct_series(folder: Path, zs, *, uid=None, instances=None, name="slice{i}.dcm", edit=None) -> str:
+    """Copies of CT_small.dcm as one series, slice i at z = zs[i] with stored pixel (0, 0) = 100 * i."""
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uid = uid or generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, z in enumerate(zs):
+        ds = copy.deepcopy(source)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+        ds.InstanceNumber = (instances or list(range(1, len(zs) + 1)))[i]
+        x, y, _ = (float(v) for v in source.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, float(z)]
+        pixels = source.pixel_array.copy()
+        pixels[0, 0] = 100 * i
+        ds.PixelData = pixels.tobytes()
+        if edit is not None:
+            edit(ds, i)
+        ds.save_as(folder / name.format(i=i))
+    return uid
+
+
+def test_series_are_sorted_by_position_and_windowed(tmp_path):
+    # file names and instance numbers run against the positions: only the positions give the order
+    ct_series(tmp_path / "normal" / "a", [10.0, 5.0, 0.0, 15.0], instances=[4, 1, 3, 2])
+    ct_series(tmp_path / "nodule", [-2.5, 0.0, 2.5])
+    ct_series(tmp_path / "nodule" / "deeper", [7.5, 2.5, 5.0], name="x{i}")  # no extension, DICOM prefix
+    (tmp_path / "nodule" / "readme.txt").write_text("not DICOM")
+    data = load_series(tmp_path, classes=["normal", "nodule"], window=[40, 400], shape=[4, 128, 128])
+    assert data.images.shape == (3, 1, 4, 128, 128) and data.images.dtype == torch.float32
+    assert data.class_names == ["normal", "nodule"] and data.labels.tolist() == [0, 1, 1]
+    hu = lambda stored: np.clip((stored - 1024 - (40 - 200)) / 400, 0, 1)  # noqa: E731  (CT_small: HU = stored - 1024)
+    # case 0 sorted by z: slices written as i = 2, 1, 0, 3 -> pixel (0, 0) = 200, 100, 0, 300 stored
+    assert data.images[0, 0, :, 0, 0].tolist() == pytest.approx(hu(np.array([200, 100, 0, 300])).tolist(), abs=1e-6)
+    expected = hu(pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array.astype(np.float64))
+    np.testing.assert_allclose(data.images[0, 0, 1, 5:, 5:].numpy(), expected[5:, 5:], atol=1e-6)
+    # cases sorted by their first file: nodule/deeper/x0 before nodule/slice0.dcm
+    assert data.images[1, 0, :3, 0, 0].tolist() == pytest.approx(hu(np.array([100, 200, 0])).tolist(), abs=1e-6)
+    # 3 slices padded to 4 (centre pad: the zero slice goes after them), z = -2.5, 0, 2.5
+    assert data.images[2, 0, 3].abs().max() == 0 and data.images[2, 0, :3, 0, 0].tolist() == pytest.approx(
+        hu(np.array([0, 100, 200])).tolist(), abs=1e-6
+    )
+    assert data.spacing == pytest.approx((5.0, 0.661468, 0.661468))
+    assert data.intensity_window == (-160, 240) and data.intensity_unit == "HU"
+    text = data.description
+    assert "3 DICOM volumes in 2 classes (normal: 1, nodule: 2)" in text
+    assert "slices per volume 3 (2), 4 (1)" in text and "slices ordered by Image Position (Patient) (3)" in text
+    assert "slice spacing 2.5 to 5 mm" in text and "1 non-DICOM files ignored" in text
+    assert "single-frame series (3)" in text
+    assert len(set(data.case_ids)) == 3 and all(c.startswith("case-") for c in data.case_ids)
+    assert data.pixels_may_identify  # CT_small declares no Burned In Annotation
+    assert "CompressedSamples^CT1" in data.sensitive_values and "deeper" in data.sensitive_values
+    assert load_series(tmp_path, classes=["normal", "nodule"], window=[40, 400], shape=[4, 128, 128]).fingerprint == (
+        data.fingerprint
+    )
+    with pytest.raises(DataError, match=r"is 4 x 128 x 128 \(D x H x W\) but case case-\w+ is 3 x 128 x 128; set shape"):
+        load_series(tmp_path)
+
+
+def test_oblique_series_and_instance_number_fallback(tmp_path):
+    def coronal(ds, i):  # rows along x, columns along -z: the slice normal is +y
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [0.0, [3.0, 1.0, 2.0][i], 0.0]
+
+    ct_series(tmp_path / "cor", [0, 0, 0], edit=coronal)
+    data = load_series(tmp_path)
+    # y = 1, 2, 3 are slices i = 1, 2, 0: pixel (0, 0) stored 100, 200, 0
+    assert data.images[0, 0, :, 0, 0].argsort().tolist() == [2, 0, 1] and data.spacing[0] == pytest.approx(1.0)
+
+    shutil.rmtree(tmp_path / "cor")
+
+    def no_position(ds, i):
+        del ds.ImagePositionPatient
+
+    ct_series(tmp_path / "cor", [0, 0, 0], instances=[3, 1, 2], edit=no_position)
+    data = load_series(tmp_path)
+    stored = data.images[0, 0, :, 0, 0]  # min-max window: only the order matters
+    assert stored.argsort().tolist() == [2, 0, 1]  # instance 1, 2, 3 = slices i = 1, 2, 0: stored 100, 200, 0
+    assert "slices ordered by Instance Number (1)" in data.description
+    assert data.spacing == pytest.approx((5.0, 0.661468, 0.661468))  # Slice Thickness as the fallback
+
+
+def test_multi_frame_files_are_volumes(tmp_path):
+    (tmp_path / "dose").mkdir()
+    shutil.copy(get_testdata_file("rtdose.dcm"), tmp_path / "dose" / "plan.dcm")  # 15 frames, Grid Frame Offset Vector
+    stored = pydicom.dcmread(get_testdata_file("rtdose.dcm")).pixel_array.astype(np.float64)
+    data = load_series(tmp_path)
+    assert data.images.shape == (1, 1, 15, 10, 10)
+    expected = (stored - stored.min()) / (stored.max() - stored.min())
+    np.testing.assert_allclose(data.images[0, 0].numpy(), expected, atol=1e-6)
+    assert data.spacing == pytest.approx((5.0, 10.0, 10.0))
+    assert "multi-frame file (1)" in data.description
+
+    # an enhanced-style file: per-frame positions (stored in reverse), shared orientation and pixel measures
+    path = write_dicom(tmp_path / "dose" / "enh.dcm", np.zeros((10, 10), dtype=np.uint16), frames=3)
+    ds = pydicom.dcmread(path)
+    pixels = np.stack([np.full((10, 10), 10 * (i + 1), dtype=np.uint16) for i in range(3)])
+    ds.PixelData = pixels.tobytes()
+    del ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept
+    shared = DicomDataset()
+    shared.PlaneOrientationSequence = [DicomDataset()]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = [DicomDataset()]
+    shared.PixelMeasuresSequence[0].PixelSpacing = [10, 10]
+    shared.PixelValueTransformationSequence = [DicomDataset()]
+    shared.PixelValueTransformationSequence[0].RescaleSlope = 2
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = -10
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = []
+    for z in (20.0, 10.0, 0.0):
+        item = DicomDataset()
+        item.PlanePositionSequence = [DicomDataset()]
+        item.PlanePositionSequence[0].ImagePositionPatient = [0, 0, z]
+        ds.PerFrameFunctionalGroupsSequence.append(item)
+    ds.save_as(path, enforce_file_format=True)
+    data = load_series(tmp_path, window=[40, 80], shape=[15, 10, 10])
+    assert data.images.shape == (2, 1, 15, 10, 10)
+    # sorted: z = 0, 10, 20 are frames 2, 1, 0 -> stored 30, 20, 10 -> 50, 30, 10 after rescale; window [0, 80]
+    enhanced = data.images[0, 0, 6:9, 0, 0].tolist()  # centre-padded into 15 slices
+    assert enhanced == pytest.approx([50 / 80, 30 / 80, 10 / 80])
+    assert "multi-frame file (2)" in data.description and data.spacing == pytest.approx((10.0, 10.0, 10.0))
+
+
+def series_error(tmp_path: Path, setup, **params) -> str:
+    setup(tmp_path)
+    with pytest.raises(DataError) as info:
+        load_series(tmp_path, **params)
+    text = str(info.value)
+    assert_private(text)
+    assert info.value.__cause__ is None
+    return text
+
+
+def _sized(ds, i):
+    if i == 1:
+        ds.Rows = ds.Columns = 64
+        ds.PixelData = np.zeros((64, 64), dtype=np.int16).tobytes()
+
+
+def _tilted(ds, i):
+    if i == 2:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
+
+
+def _no_order(ds, i):
+    del ds.ImagePositionPatient
+    if i == 0:
+        del ds.InstanceNumber
+
+
+def _no_uid(ds, i):
+    del ds.SeriesInstanceUID
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda r: ct_series(r / "c" / FILE_STEM, [0, 5, 10], edit=_sized), "slices of different sizes in one series"),
+        (lambda r: ct_series(r / "c", [0, 5, 5, 10]), r"slices at the same position \(1 duplicate"),
+        (lambda r: ct_series(r / "c", [0, 5, 15, 20]), r"uneven slice spacing \(gaps from 5 to 10 mm, median 5 mm\)"),
+        (lambda r: ct_series(r / "c", [0, 5, 10], edit=_tilted), "different orientations"),
+        (lambda r: ct_series(r / "c", [0, 5, 10], edit=_no_order), "slice order unknown"),
+        (lambda r: ct_series(r / "c", [0]), "a series of 1 slice"),
+        (lambda r: ct_series(r / "c", [0, 5], edit=_no_uid), "no Series Instance UID"),
+        (lambda r: ct_series(r / "c", [0, 5], uid=ct_series(r / "d", [0, 5])), "has slices in class folders 'c' and 'd'"),
+        (lambda r: (r / "c").mkdir(), "class folder 'c' holds no DICOM files"),
+        (lambda r: (r / "c").mkdir() or (r / "c" / f"{FILE_STEM}.dcm").write_text(PATIENT_NAME * 30), "not a DICOM file"),
+    ],
+)
+def test_series_errors_name_the_case_not_the_file(tmp_path, setup, message):
+    text = series_error(tmp_path, setup)
+    assert re.search(message, text), text
+    assert "dicom-series: " in text and FILE_STEM not in text and "slice0" not in text
+    if "class folder 'c' holds" not in text:
+        assert re.search(r"(case|file)-[0-9a-f]{12}", text), text
+
+
+def test_series_tolerance_and_missing_slices(tmp_path):
+    ct_series(tmp_path / "c", [0, 5, 10.4, 15])
+    assert load_series(tmp_path).images.shape == (1, 1, 4, 128, 128)  # gaps 5, 5.4, 4.6: within 10 %
+    with pytest.raises(DataError, match="missing slices"):
+        load_series(tmp_path, spacing_tolerance=0.05)
+
+
+def test_series_patient_data_is_sensitive_and_never_in_outputs(tmp_path):
+    uid = generate_uid()
+    for i, z in enumerate([0.0, 2.0, 4.0]):
+        path = write_dicom(tmp_path / "nodule" / "Doe_Jane_1970" / f"{FILE_STEM}_{i}.dcm", intercept=0.0)
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.InstanceNumber = uid, i + 1
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, z], [1, 0, 0, 0, 1, 0]
+        if i == 1:
+            ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.BurnedInAnnotation = "NO"
+        ds.save_as(path, enforce_file_format=True)
+    data = load_series(tmp_path, window=[1000, 2000])
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 2000) / 2000
+    np.testing.assert_allclose(data.images[0, 0, 0].numpy(), pixels, atol=1e-6)
+    np.testing.assert_allclose(data.images[0, 0, 1].numpy(), 1 - pixels, atol=1e-6)  # MONOCHROME1 inverted
+    assert not data.pixels_may_identify  # every file declares Burned In Annotation = NO
+    for value in (PATIENT_NAME, PATIENT_ID, "19700101", "secret-private-note", f"{FILE_STEM}_0.dcm",
+                  "Doe_Jane_1970", uid):
+        assert value in data.sensitive_values, value
+    assert not {"nodule", "CT"} & data.sensitive_values
+    text = " ".join(data.case_ids) + " " + data.description + " " + data.fingerprint
+    assert_private(text)
+    assert not any(v in text for v in data.sensitive_values)
+    assert data.spacing == pytest.approx((2.0, 0.5, 0.5))

@@ -11,7 +11,7 @@ import torch
 
 from medaudit.core.components import Task
 from medaudit.core.errors import ModelLoadError
-from medaudit.core.models import PixelSpaceModel
+from medaudit.core.models import PixelSpaceModel, file_sha256
 from medaudit.plugins.timm_models import TimmLoader, TimmParams, build_timm
 
 
@@ -91,3 +91,102 @@ def test_broken_torchvision_gives_install_advice():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "torchvision cannot be imported" in out and "pip install 'torch>=2.14,<2.15' 'torchvision>=0.29,<0.30'" in out
+
+
+# -- checkpoint safety: sha256 pins and pickled code ------------------------------------
+
+
+class CreatesMarker:
+    """Unpickling this runs ``open(marker, "w")``: the file's existence shows code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_checkpoint(tmp_path):
+    path, marker = tmp_path / "evil.pt", tmp_path / "code-ran"
+    torch.save({"state_dict": CreatesMarker(marker)}, path)
+    return path, marker
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    path, marker = _evil_checkpoint(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"refused: the checkpoint holds pickled Python objects.*io.open.*arbitrary code.*trust_checkpoint: true") as info:
+        TimmLoader(params(checkpoint=path)).load(Task.CLASSIFICATION)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert not marker.exists()
+
+
+def test_wrong_pin_is_refused_before_the_file_is_parsed(tmp_path):
+    path, marker = _evil_checkpoint(tmp_path)
+    actual = file_sha256(path)
+    wrong = "0" * 63 + "1"
+    # trusted, so only the pin stands between the file and its code running
+    with pytest.raises(ModelLoadError) as info:
+        TimmLoader(params(checkpoint=path, sha256=wrong, trust_checkpoint=True)).load(Task.CLASSIFICATION)
+    message = str(info.value)
+    assert str(path) in message and f"sha256 is {actual}" in message and f"pins {wrong}" in message
+    assert not marker.exists()
+
+
+def test_correct_pin_loads_and_is_the_fingerprint(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(build_timm(params()).net.state_dict(), path)
+    pin = file_sha256(path)
+    loaded = TimmLoader(params(checkpoint=path, sha256=pin.upper())).load(Task.CLASSIFICATION)
+    assert loaded.fingerprint == pin
+    pretrained = TimmLoader(params(pretrained_file=path, sha256=pin)).load(Task.CLASSIFICATION)
+    assert pretrained.fingerprint == pin
+    with pytest.raises(ModelLoadError, match="but the spec pins"):  # checked before timm reads it
+        TimmLoader(params(pretrained_file=path, sha256="a" * 64)).load(Task.CLASSIFICATION)
+
+
+def test_pin_needs_a_file_and_hex_digits():
+    with pytest.raises(ValueError, match="sha256 pins the model file: set checkpoint or pretrained_file"):
+        params(sha256="a" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        params(checkpoint=__file__, sha256="not-a-hash")
+
+
+def test_whole_pickled_model_needs_trust_and_warns(tmp_path, caplog):
+    torch.manual_seed(0)
+    net = build_timm(params()).net.eval()
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    with pytest.raises(ModelLoadError, match=r"timm.models.resnet.ResNet.*arbitrary code.*trust_checkpoint: true"):
+        TimmLoader(params(checkpoint=path)).load(Task.CLASSIFICATION)
+    with caplog.at_level("WARNING", logger="medaudit.core.models"):
+        loaded = TimmLoader(params(checkpoint=path, trust_checkpoint=True)).load(Task.CLASSIFICATION)
+    assert "weights_only=False because trust_checkpoint is set" in caplog.text
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(loaded.module(x), net(x))
+    caplog.clear()
+    state = tmp_path / "state.pt"  # a plain state dict is read safely even when trusted: no warning
+    torch.save(net.state_dict(), state)
+    TimmLoader(params(checkpoint=state, trust_checkpoint=True)).load(Task.CLASSIFICATION)
+    assert "weights_only=False" not in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_factory_and_torchscript_loaders_take_pins(tmp_path):
+    from medaudit.plugins.segmentation_models import FactoryLoader, FactoryParams, TorchScriptLoader, TorchScriptParams
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    state = tmp_path / "state.pt"
+    torch.save(net.state_dict(), state)
+    factory = {"factory": "torch.nn:Linear", "kwargs": {"in_features": 16, "out_features": 2}}
+    with pytest.raises(ModelLoadError, match="but the spec pins"):
+        FactoryLoader(FactoryParams.model_validate({**factory, "checkpoint": state, "sha256": "b" * 64})).load(Task.CLASSIFICATION)
+    with pytest.raises(ModelLoadError, match=r"missing keys: weight, bias; unexpected keys: 1.weight, 1.bias"):
+        FactoryLoader(FactoryParams.model_validate({**factory, "checkpoint": state, "sha256": file_sha256(state)})).load(Task.CLASSIFICATION)
+
+    scripted = tmp_path / "net.ts"
+    torch.jit.save(torch.jit.script(net), str(scripted))
+    with pytest.raises(ModelLoadError, match="but the spec pins"):
+        TorchScriptLoader(TorchScriptParams(path=scripted, sha256="c" * 64)).load(Task.CLASSIFICATION)
+    loaded = TorchScriptLoader(TorchScriptParams(path=scripted, sha256=file_sha256(scripted))).load(Task.CLASSIFICATION)
+    assert loaded.fingerprint == file_sha256(scripted)
+    assert "trust_checkpoint" not in TorchScriptParams.model_fields  # nothing is unpickled there

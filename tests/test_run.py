@@ -359,3 +359,45 @@ def test_planner_refuses_attacks_the_model_cannot_serve(write_spec, tmp_path):
     attacks = "attacks:\n  - name: square\n    params: {queries: 20}"
     spec = load_spec(write_spec(model=model, attacks=attacks, runtime=f"runtime:\n  output_dir: {out}"), host)
     assert Runner(spec, host, show_progress=False).run().exit_code == ExitCode.PASS
+
+
+def test_run_dir_holding_files_is_refused_without_force(write_spec, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("keep me")
+    spec = str(write_spec(attacks="attacks:\n  - name: fgsm"))
+    result = run_cli(spec, "--run-dir", str(run_dir), "--output-dir", str(out))
+    assert result.exit_code == ExitCode.USAGE_ERROR, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: {run_dir}: the run directory exists and is not empty; use --force to replace its contents "
+        "(removed only once the model and data have loaded), or name another directory"
+    ]
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"] and not out.exists()
+    # --force replaces only an earlier medaudit run, never an arbitrary folder
+    result = run_cli(spec, "--run-dir", str(run_dir), "--force")
+    assert result.exit_code == ExitCode.USAGE_ERROR and "not a medaudit run directory" in result.output
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+
+
+def test_force_replaces_an_earlier_run_only_once_model_and_data_load(write_spec, tmp_path):
+    spec = str(write_spec(attacks="attacks:\n  - name: fgsm"))
+    run_dir = tmp_path / "run"  # an earlier run's leftovers
+    (run_dir / "records").mkdir(parents=True)
+    for name in ("fingerprints.json", "records/old-job.jsonl", "results.json", "stale.txt"):
+        (run_dir / name).write_text("{}")
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    bad = write_spec(name="bad.yaml", attacks="attacks:\n  - name: fgsm",
+                     model=f"model:\n  loader: timm\n  params: {{arch: test_resnet, checkpoint: '{garbage}'}}")
+    result = run_cli(str(bad), "--run-dir", str(run_dir), "--force")
+    assert result.exit_code == ExitCode.USAGE_ERROR and "garbage.pt" in result.output
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before  # bad input loses nothing
+
+    result = run_cli(spec, "--run-dir", str(run_dir), "--force")
+    assert result.exit_code == ExitCode.PASS, result.output
+    assert not (run_dir / "stale.txt").exists() and not (run_dir / "records" / "old-job.jsonl").exists()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["verdict"] == "PASS" and [e["event"] for e in results["timeline"]][:1] == ["start"]
+    assert run_cli(spec, "--run-dir", str(tmp_path / "new"), "--resume", str(run_dir)).exit_code == ExitCode.USAGE_ERROR

@@ -91,9 +91,15 @@ def check_model_access(spec: Spec, host: Host, model: LoadedModel) -> None:
         cls = host.get("attack", ref.name)
         if cls.needs not in model.access:
             offered = ", ".join(sorted(a.value for a in model.access)) or "nothing"
+            hint = ""
+            if Access.GRADIENTS not in model.access:
+                usable = sorted(name for name, a in host.components["attack"].items() if a.needs in model.access
+                                and spec.task in a.tasks and spec.threat_model.norm in a.norms)
+                hint = "; use a score- or decision-based attack" + (
+                    f": {', '.join(usable)}" if usable else f" (none is registered for this task and the {spec.threat_model.norm.value} norm)")
             problems.append(
                 f"attacks[{i}]: attack {ref.label!r} needs {cls.needs.value} but the model gives {offered}"
-                + ("; use a score- or decision-based attack" if Access.GRADIENTS not in model.access else "")
+                + (f" ({model.access_reason})" if model.access_reason else "") + hint
             )
     if problems:
         raise SpecError(problems, source="plan")

@@ -67,14 +67,18 @@ class RecordWriter:
 
 def read_records(run_dir: Path, job_id: str) -> list[dict]:
     """Records of a finished job; classification records get the derived
-    ``clean_correct``/``adv_correct`` flags."""
+    ``clean_correct``/``adv_correct`` flags. Behind a detector (records with
+    ``clean_rejected``/``adv_rejected``) a rejected clean input is an error, and an input
+    under attack survives if it is classified correctly or rejected."""
     rows = []
     with open(record_path(run_dir, job_id), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if "label" in row:
-                row["clean_correct"] = row["clean_pred"] == row["label"]
-                row["adv_correct"] = row["adv_pred"] == row["label"]
+                row["clean_correct"] = row["clean_pred"] == row["label"] and not row.get("clean_rejected", False)
+                row["adv_correct"] = row["clean_correct"] and (
+                    row["adv_pred"] == row["label"] or row.get("adv_rejected", False)
+                )
             rows.append(row)
     return rows
 

@@ -189,7 +189,33 @@ def _row(
     table = per_class_table(records, class_names or [])
     if table:
         row["per_class"] = table
+    detection = detection_summary(records)
+    if detection:
+        row["detection"] = detection
     return row
+
+
+def detection_summary(records: list[dict]) -> dict | None:
+    """A detector defense's separation of clean inputs from adversarial ones: AUROC and TPR
+    at 5 % FPR (threshold from these clean scores), and the share its deployed threshold
+    rejects, over the adversarial inputs that fool the classifier."""
+    if not records or "clean_score" not in records[0]:
+        return None
+    import torch
+
+    from medaudit.plugins.detectors import auroc, tpr_at_fpr
+
+    clean = [r["clean_score"] for r in records]
+    fooling = [r for r in records if r.get("adv_score") is not None and r["adv_pred"] != r["label"]]
+    out: dict[str, Any] = {"n_clean": len(clean), "n_adversarial": len(fooling)}
+    if fooling:
+        adv = torch.tensor([r["adv_score"] for r in fooling])
+        out.update(
+            auroc=auroc(torch.tensor(clean), adv),
+            tpr_at_5fpr=tpr_at_fpr(torch.tensor(clean), adv, 0.05),
+            rejected=sum(r["adv_rejected"] for r in fooling) / len(fooling),
+        )
+    return out
 
 
 # -- validity -------------------------------------------------------------------------

@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medaudit.core.errors import ResumeError
+from medaudit.core.errors import ResumeError, RunDirError
 
 FINGERPRINTS = "fingerprints.json"
 
@@ -52,6 +53,44 @@ def new_run_dir(output_dir: Path, audit_name: str) -> Path:
         i += 1
         path = base.with_name(f"{stamp}-{i}")
     path.mkdir(parents=True)
+    return path
+
+
+#: Files that mark a folder as a medaudit run directory: ``--force`` replaces only such a folder.
+RUN_DIR_MARKERS = (FINGERPRINTS, "spec.resolved.yaml", "timeline.jsonl")
+
+
+def check_run_dir(path: Path, force: bool) -> None:
+    """Refuse a run directory named by the user that holds files, unless ``force``; even
+    with ``force``, refuse a folder that is not a medaudit run directory. Deletes nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path}: exists and is not a directory; name a run directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not force:
+        raise RunDirError(
+            f"{path}: the run directory exists and is not empty; use --force to replace its contents "
+            "(removed only once the model and data have loaded), or name another directory"
+        )
+    if not any((path / marker).exists() for marker in RUN_DIR_MARKERS):
+        raise RunDirError(
+            f"{path}: not empty and not a medaudit run directory (no {FINGERPRINTS}); --force replaces only an "
+            "earlier run: name another directory"
+        )
+
+
+def claim_run_dir(path: Path, force: bool) -> Path:
+    """The run directory named by the user, created, or emptied when ``force`` allows
+    (see :func:`check_run_dir`)."""
+    path = Path(path)
+    check_run_dir(path, force)
+    path.mkdir(parents=True, exist_ok=True)
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     return path
 
 

@@ -29,6 +29,7 @@ from medaudit.audits.records import (
 )
 from medaudit.audits.results import acceptance, compute_results, validity_checks
 from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
+from medaudit.core.adaptive import bind_labels
 from medaudit.core.components import Access, Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, Task, component_info
 from medaudit.core.environment import describe_environment, select_device
 from medaudit.core.models import SpeedWrapper, prepare_for_audit
@@ -61,6 +62,12 @@ CONVENTIONS = {
         "Intervals: percentile bootstrap over cases (2000 resamples) on means; Wilson score intervals on proportions.",
     ],
 }
+
+DETECTOR_CONVENTION = (
+    "Detector defenses: a clean input the detector rejects counts as an error; an input under attack counts as "
+    "robust when it is rejected or still classified correctly. Detection AUROC and TPR at 5% FPR compare the clean "
+    "cases' scores with those of the adversarial inputs that fool the classifier."
+)
 
 
 class Interrupted(MedauditError):
@@ -156,22 +163,15 @@ class Runner:
         check_model_access(spec, self.host, self.model)
         self.model.module.to(self.device)
         self.models = {NO_DEFENSE: self.model}
-        context = AttackContext(
+        self.context = context = AttackContext(
             data=self.data, load_dataset=self._load_dataset, device=self.device, task=spec.task,
-            num_classes=self.model.num_classes,
+            num_classes=self.model.num_classes, load_model=self._load_model, apply_defense=self._apply_defense,
         )
         for i, ref in enumerate(spec.defenses):
-            cls = self.host.get("defense", ref.name)
-            defense = cls(cls.Params.model_validate(ref.params))
             try:
-                defense.prepare(context)
-                defended = defense.apply(self.model, self.data)
+                self.models[ref.label] = self._apply_defense(ref.name, ref.params)
             except ValueError as exc:
                 raise SpecError([f"defenses[{i}]: defense {ref.label!r}: {exc}"], source="plan") from None
-            defended.module.to(self.device)
-            if defended.adaptive_module is not None:
-                defended.adaptive_module.to(self.device)
-            self.models[ref.label] = defended
         self._apply_speed_switches()
         self.attacks: dict[str, Attack] = {}
         for i, ref in enumerate(spec.attacks):
@@ -204,6 +204,30 @@ class Runner:
                 adaptive = prepare_for_audit(SpeedWrapper(adaptive, dtype, runtime.channels_last))
             self.models[label] = dataclasses.replace(loaded, module=prepare_for_audit(wrapped), adaptive_module=adaptive)
 
+    def _apply_defense(self, name: str, params: dict[str, Any]) -> LoadedModel:
+        """The audited model behind a defense, on the run's device (ValueError: bad config)."""
+        try:
+            cls = self.host.get("defense", name)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        defense = cls(cls.Params.model_validate(params))
+        defense.prepare(self.context)
+        defended = defense.apply(self.model, self.data)
+        for module in (defended.module, defended.adaptive_module, defended.detector):
+            if module is not None:
+                module.to(self.device)
+        return defended
+
+    def _load_model(self, loader: str, params: dict[str, Any]) -> LoadedModel:
+        """Another model (e.g. an ensemble member), checked like the audited one."""
+        try:
+            cls = self.host.get("model", loader)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        loaded = cls(cls.Params.model_validate(params)).load(self.spec.task)
+        loaded.module.to(self.device)
+        return loaded
+
     def _load_dataset(self, name: str, params: dict[str, Any]) -> LoadedData:
         try:
             cls = self.host.get("dataset", name)
@@ -213,7 +237,12 @@ class Runner:
 
     # -- running ------------------------------------------------------------------------
 
-    def run(self, resume_dir: Path | None = None) -> Outcome:
+    def run(self, resume_dir: Path | None = None, run_dir: Path | None = None, force: bool = False) -> Outcome:
+        """Run (or with ``resume_dir``, finish) the audit; ``run_dir`` names the run directory
+        instead of a new stamped one: a non-empty one is refused unless ``force``, and then its
+        old contents are removed only once the model and data have loaded."""
+        if run_dir is not None:
+            rundir.check_run_dir(run_dir, force)
         self.load()
         if self.data.sensitive_values:
             self._refuse_identifying_text(
@@ -224,7 +253,8 @@ class Runner:
             run_dir = Path(resume_dir)
             rundir.check_resumable(run_dir, self.fingerprints)
         else:
-            run_dir = rundir.new_run_dir(self.spec.runtime.output_dir, self.spec.audit.name)
+            run_dir = (rundir.claim_run_dir(run_dir, force) if run_dir is not None
+                       else rundir.new_run_dir(self.spec.runtime.output_dir, self.spec.audit.name))
             rundir.init_run_dir(
                 run_dir, self.spec.model_dump(mode="json"), self.fingerprints, describe_environment(self.device)
             )
@@ -359,8 +389,7 @@ class Runner:
                     rows = self._clean_batch(model, job, x, y, start)
                 else:
                     y = self.data.labels[start : start + bs].to(self.device)
-                    clean_pred = torch.tensor([r["clean_pred"] for r in clean[start : start + bs]])
-                    rows = self._attack_batch(model, attack, job, x, y, clean_pred, generator, start)
+                    rows = self._attack_batch(model, attack, job, x, y, clean[start : start + bs], generator, start)
                 for row, case in zip(rows, self.data.case_ids[start : start + bs]):
                     row["case"] = case
                 writer.write(rows)
@@ -421,29 +450,46 @@ class Runner:
         carry burned-in identifying text."""
         return start == 0 and not self.data.pixels_may_identify
 
+    def _detector_scores(self, job: Job, x: torch.Tensor) -> tuple[list[float], list[bool]] | None:
+        """A detector defense's scores of ``x`` and whether it rejects each (None: no detector)."""
+        scorer = self.models[job.defense].detector
+        if scorer is None:
+            return None
+        with torch.no_grad():
+            scores = scorer(x).float()
+        return scores.tolist(), (scores > scorer.threshold).tolist()
+
     def _clean_batch(self, model, job: Job, x, y, start: int) -> list[dict]:
         with torch.inference_mode(), self._tap.capture(torch.arange(start, start + len(y), device=y.device)):
             pred = model(x).argmax(1)
         if self._keeps_examples(start):
             save_examples(self.run_dir, job.id, x, x, y, pred, clean_pred=pred)
-        return [
+        rows = [
             {"label": label, "clean_pred": p, "adv_pred": p, "attacked": False, "linf": 0.0, "l2": 0.0, "in_range": True}
             for label, p in zip(y.tolist(), pred.tolist())
         ]
+        if (detected := self._detector_scores(job, x)) is not None:
+            for row, score, rejected in zip(rows, *detected):
+                row.update(clean_score=score, clean_rejected=rejected)
+        return rows
 
-    def _attack_batch(self, model, attack: Attack, job: Job, x, y, clean_pred, generator, start: int) -> list[dict]:
-        """Attack the samples the model gets right; the others are already errors."""
+    def _attack_batch(self, model, attack: Attack, job: Job, x, y, clean: list[dict], generator, start: int) -> list[dict]:
+        """Attack the samples the model gets right (and a detector lets through); the others
+        are already errors."""
         norm = self.spec.threat_model.norm
-        clean_pred = clean_pred.to(self.device)
-        correct = clean_pred == y
+        clean_pred = torch.tensor([r["clean_pred"] for r in clean], device=self.device)
+        rejected = torch.tensor([r.get("clean_rejected", False) for r in clean], device=self.device)
+        correct = (clean_pred == y) & ~rejected
         adv_pred = clean_pred.clone()
         linf = torch.zeros(len(y), device=self.device)
         l2 = torch.zeros(len(y), device=self.device)
         in_range = torch.ones(len(y), dtype=torch.bool, device=self.device)
         min_norm = torch.full((len(y),), float("nan"), device=self.device)
         idx = correct.nonzero().flatten()
+        adv_scores: dict[int, tuple[float, bool]] = {}
         if len(idx):
             x_att, y_att = x[idx], y[idx]
+            bind_labels(self._attacked, x_att, y_att)  # a detector's joint view needs the labels
             if isinstance(attack, MinimumNormAttack):
                 x_min = self._minimal_adversarial(self._attacked, attack, job, x_att, y_att, start)
                 x_adv = project(x_min, x_att, job.epsilon, norm) if job.epsilon > 0 else x_att.clone()
@@ -454,8 +500,11 @@ class Runner:
             else:
                 with torch.enable_grad():
                     x_adv = attack.perturb(self._attacked, x_att, y_att, eps=job.epsilon, norm=norm, generator=generator)
+            bind_labels(self._attacked, None, None)
             with torch.inference_mode(), self._tap.capture(start + idx):
                 adv_pred[idx] = model(x_adv).argmax(1)
+            if (detected := self._detector_scores(job, x_adv)) is not None:
+                adv_scores = dict(zip(idx.tolist(), zip(*detected)))
             delta = (x_adv - x_att).float()
             linf[idx] = _norm_of(delta, Norm.LINF)
             l2[idx] = _norm_of(delta, Norm.L2)
@@ -476,6 +525,11 @@ class Runner:
             if isinstance(attack, MinimumNormAttack):
                 row["min_norm"] = None if h != h else h  # NaN: attacked but no adversarial found
             rows.append(row)
+        if self.models[job.defense].detector is not None:
+            for i, (row, before) in enumerate(zip(rows, clean)):
+                score, flagged = adv_scores.get(i, (None, before["clean_rejected"]))
+                row.update(clean_score=before["clean_score"], clean_rejected=before["clean_rejected"],
+                           adv_score=score, adv_rejected=flagged)
         return rows
 
     def _minimal_adversarial(self, model, attack: MinimumNormAttack, job: Job, x, y, start: int) -> torch.Tensor:
@@ -546,6 +600,7 @@ class Runner:
                 "description": data.description,
                 "n": len(data),
                 "image_shape": list(data.images.shape[1:]),
+                "intensity": intensity_stats(data.images),
                 **(self._mask_summary() if dense else {
                     "class_names": data.class_names,
                     "class_counts": {
@@ -584,7 +639,9 @@ class Runner:
             "validity": checks,
             "acceptance": accepted,
             "figures": figures,
-            "conventions": CONVENTIONS[spec.task],
+            "conventions": CONVENTIONS[spec.task] + (
+                [DETECTOR_CONVENTION] if any(m.detector is not None for m in self.models.values()) else []
+            ),
             "jobs": [
                 {"id": j.id, "title": j.title(), "defense": j.defense, "attack": j.attack, "epsilon": j.epsilon,
                  "seconds": seconds.get(j.id)}
@@ -615,6 +672,14 @@ class Runner:
             c = component_info(cls)
             out.update(summary=c["summary"], norms=c["norms"], needs=c["needs"], targeted=c["targeted"])
         return out
+
+
+def intensity_stats(images: torch.Tensor) -> dict[str, list[float]]:
+    """Per channel: min, max, mean and standard deviation of the pixel-space images."""
+    flat = images.transpose(0, 1).flatten(1).float()
+    return {name: [round(v, 6) for v in values.tolist()] for name, values in (
+        ("min", flat.amin(1)), ("max", flat.amax(1)), ("mean", flat.mean(1)), ("std", flat.std(1)),
+    )}
 
 
 def physical_budgets(epsilons: list[float], window: tuple[float, float] | None) -> list[float] | None:

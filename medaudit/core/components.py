@@ -107,6 +107,14 @@ class LoadedModel:
     #: A defense's adaptive view (see :class:`Defense`): the same outputs as ``module`` with
     #: gradients an attacker can use; None when ``module``'s own gradients serve.
     adaptive_module: "torch.nn.Module | None" = None
+    #: A detector defense's scorer (:class:`medaudit.core.adaptive.DetectorScore`): maps
+    #: inputs to scores, higher = more likely adversarial; inputs scoring above its
+    #: ``threshold`` are rejected. A rejected clean input is an error; a rejected
+    #: adversarial one is a defended case. None for a model that never rejects.
+    detector: "torch.nn.Module | None" = None
+    #: Why ``access`` lacks something, for the planner's messages (e.g. "the model is an
+    #: ONNX graph run by onnxruntime: no gradients"); empty when nothing is missing.
+    access_reason: str = ""
 
 
 class ModelLoader(Component):
@@ -179,6 +187,11 @@ class AttackContext:
     task: Task = Task.CLASSIFICATION
     #: Classes of the audited model's output (segmentation: classes of its label maps).
     num_classes: int = 0
+    #: Loads another model by loader name and params (validated), e.g. an ensemble's members.
+    load_model: "Callable[[str, dict[str, Any]], LoadedModel] | None" = None
+    #: Applies another registered defense (name, params) to the audited model, e.g. the
+    #: robust model a detect-then-route defense sends flagged inputs to.
+    apply_defense: "Callable[[str, dict[str, Any]], LoadedModel] | None" = None
 
 
 class Attack(Component):

@@ -55,6 +55,11 @@ class ResumeError(MedauditError):
     """A run directory cannot be resumed with this spec."""
 
 
+class RunDirError(MedauditError):
+    """The run directory named on the command line cannot be used (it holds files, and
+    ``--force`` was not given or the folder is not an earlier run)."""
+
+
 class EnvironmentProblem(MedauditError):
     """The Python environment is broken (for example torch and torchvision do not match)."""
 

@@ -16,7 +16,11 @@ import hashlib
 import html
 import os
 import re
+from pathlib import PurePath
 from typing import Iterable
+
+#: Shorter strings read from the input are not guarded: they match too much innocent text.
+MIN_SENSITIVE_LENGTH = 4
 
 
 def pseudonym_key(content_hashes: Iterable[str]) -> str:
@@ -32,6 +36,29 @@ def pseudonym_key(content_hashes: Iterable[str]) -> str:
 def pseudonym(secret: str, name: str) -> str:
     """``"case-"`` plus the first 12 hex digits of ``sha256(secret + "\\0" + name)``."""
     return "case-" + hashlib.sha256((secret + "\0" + name).encode("utf-8")).hexdigest()[:12]
+
+
+def distinctive(text: str) -> bool:
+    """Whether a string read from the input is worth guarding: at least
+    :data:`MIN_SENSITIVE_LENGTH` characters, with a letter or digit, and not one character
+    repeated (dummy values such as ``000000``)."""
+    return len(text) >= MIN_SENSITIVE_LENGTH and len(set(text)) > 1 and any(c.isalnum() for c in text)
+
+
+def file_name_values(name: str) -> set[str]:
+    """The identifying strings of a file's name, for :attr:`LoadedData.sensitive_values`:
+    the name, its stem and, for a relative path (``sub/x.png``), the path and each of its
+    folder names; those that are :func:`distinctive`."""
+    path = PurePath(name)
+    return {s for s in (name, path.name, path.stem, *path.parts[:-1]) if distinctive(s)}
+
+
+def drop_public(sensitive: Iterable[str], public: Iterable[str]) -> set[str]:
+    """``sensitive`` without the values that are part of a ``public`` text (class names,
+    which the report shows anyway: keeping such a value would make the run refuse to write
+    its own class names)."""
+    public = [text.casefold() for text in public]
+    return {v for v in sensitive if not any(v.casefold() in text for text in public)}
 
 
 _TOKEN = re.compile(r"[^\W_]+")

@@ -2,7 +2,8 @@
 MGM), kernel density + Bayesian uncertainty (Feinman et al. 2017), local intrinsic
 dimensionality (Ma et al. 2018) and UAD (Li, Pan & Zhu 2021).
 
-Library code for the defense plugins: no component is registered here. Every detector has
+Library code for the defense plugins of :mod:`medaudit.plugins.detector_defenses`: no
+component is registered here. It also holds the Shield of Medical Aegis. Every detector has
 the same interface:
 
 - ``fit(model, images, labels, generator, adv_images=None) -> self`` on clean training
@@ -62,19 +63,20 @@ def _module(model) -> nn.Module:
 
 
 def stage_layers(model: nn.Module) -> list[str]:
-    """Names of the model's stages: descending through single-child wrappers (such as the
-    pixel-space adapter), the children that contain a convolution, in module order. For a
+    """Names of the model's stages: descending through wrappers with a single child that
+    holds convolutions (such as the pixel-space adapter or an input transform), the
+    children that contain a convolution, in module order. For a
     timm or torchvision ResNet: the stem and ``layer1`` .. ``layer4``. [DESIGN] Ma et al.
     take every layer; one feature per stage keeps the LID vector short and the pooled
     features cheap on large models."""
     root, prefix = _module(model), ""
     while True:
-        children = list(root.named_children())
+        children = [(n, c) for n, c in root.named_children() if any(isinstance(m, _CONV) for m in c.modules())]
         if len(children) != 1:
             break
         name, root = children[0]
         prefix += name + "."
-    return [prefix + name for name, child in children if any(isinstance(m, _CONV) for m in child.modules())]
+    return [prefix + name for name, _ in children]
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
@@ -878,9 +880,127 @@ class UADDetector(Detector):
         return self.mgm.score(model, x)
 
 
+# -- Medical Aegis: the Shield ----------------------------------------------------------
+
+
+class ShieldParams(Params):
+    layer: str | None = Field(
+        None, description="Shallow layer whose feature map the Shield reads; unset: the model's first stage."
+    )
+    widths: tuple[int, int, int] = Field((64, 128, 256), description="Channels of each S_k's three conv blocks.")
+    epochs: int = Field(30, ge=1, le=1000, description="Training epochs of each S_k (Adam).")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Training minibatch size.")
+
+
+def _shield_net(in_channels: int, num_classes: int, widths: Sequence[int], dims: int) -> nn.Module:
+    """[DESIGN] 3 conv-BN-ReLU blocks of stride 2, global average pooling, a linear layer."""
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [conv(in_channels, width, 3, stride=2, padding=1, bias=False), norm(width), nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers, nn.Flatten(2), _MeanLast(), nn.Linear(in_channels, num_classes))
+
+
+class _MeanLast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(-1)
+
+
+class ShieldDetector(Detector):
+    """The Shield of Medical Aegis (Yao, He, Yu & Zhou 2021/2024; methods.md 1.2): per
+    class ``k`` a small CNN ``S_k`` regresses the protected model's logits from the feature
+    map of a shallow layer (the "robust trail"); the score is
+    ``|| S_khat(h(x)) - F(x) ||_2`` with ``khat`` the predicted class.
+
+    [DESIGN] choices where the paper is silent (methods.md 1.2): the layer is the model's
+    first stage (:func:`stage_layers`) unless named; ``S_k`` is trained on the clean images
+    the model *predicts* as ``k`` (a class with fewer than two such images borrows the
+    network of all images); 3 conv-BN-ReLU blocks (64/128/256, stride 2), global average
+    pooling and a linear layer; Adam, lr 1e-3, 30 epochs, mean squared error; the
+    protected model stays frozen. No adversarial examples are used (``adv_images`` is
+    ignored).
+    """
+
+    name = "shield"
+    Params = ShieldParams
+
+    def _trail(self, model: nn.Module, x: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the shallow feature map, from one forward pass."""
+        store: dict[str, torch.Tensor] = {}
+
+        def hook(module, args, output):
+            store["h"] = output[0] if isinstance(output, (tuple, list)) else output
+
+        handle = dict(model.named_modules())[self.layer].register_forward_hook(hook)
+        try:
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                logits = model(x.to(model_device(model)))
+        finally:
+            handle.remove()
+        return logits.float(), store["h"].float()
+
+    def fit(self, model, images, labels, generator, adv_images=None):
+        p: ShieldParams = self.params
+        model = _module(model)
+        self._check_fit_inputs(images, None, None, need_labels=False)
+        self.layer = p.layer or (stage_layers(model) or [None])[0]
+        if self.layer not in dict(model.named_modules()):
+            raise ValueError(f"the model has no module {self.layer!r} to read the Shield's features from")
+        parts = [self._trail(model, images[i : i + CHUNK], grad=False) for i in range(0, len(images), CHUNK)]
+        logits, trail = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        if trail.dim() < 4:
+            raise ValueError(f"layer {self.layer!r} gives no spatial feature map; name a convolutional stage")
+        k, device = logits.shape[1], logits.device
+        predicted = logits.argmax(1)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
+        fallback = None
+        self.nets = nn.ModuleList()
+        for c in range(k):
+            rows = (predicted == c).nonzero().flatten()
+            if len(rows) < 2:
+                if fallback is None:
+                    fallback = self._train(trail, logits, torch.arange(len(trail), device=device), generator)
+                self.nets.append(fallback)
+            else:
+                self.nets.append(self._train(trail, logits, rows, generator))
+        self.fitted = True
+        return self
+
+    def _train(self, trail, logits, rows, generator) -> nn.Module:
+        p: ShieldParams = self.params
+        net = _shield_net(trail.shape[1], logits.shape[1], p.widths, trail.dim() - 2).to(trail.device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=p.lr)
+        net.train()
+        with torch.enable_grad():
+            for _ in range(p.epochs):
+                order = rows[torch.randperm(len(rows), generator=generator, device=generator.device).to(rows.device)]
+                for i in range(0, len(order), p.batch_size):
+                    batch = order[i : i + p.batch_size]
+                    if len(batch) < 2:
+                        continue  # batch norm needs two samples
+                    loss = (net(trail[batch]) - logits[batch]).pow(2).sum(1).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        net.eval()
+        for param in net.parameters():
+            param.requires_grad_(False)
+        return net
+
+    def score(self, model, x):
+        self._require_fitted()
+        logits, trail = self._trail(_module(model), x, grad=_wants_grad(x))
+        expected = torch.stack([net(trail) for net in self.nets])  # K x N x K
+        chosen = expected[logits.argmax(1), torch.arange(len(x), device=logits.device)]
+        return (chosen - logits).norm(dim=1)
+
+
 __all__ = [
     "AUTO", "PENULTIMATE", "Combiner", "Detector", "DetectorParams", "KernelDensityDetector", "KernelDensityParams",
-    "LIDDetector", "LIDParams", "MahalanobisDetector", "MahalanobisParams", "UADDetector", "UADParams", "auroc",
+    "LIDDetector", "LIDParams", "MahalanobisDetector", "MahalanobisParams", "ShieldDetector", "ShieldParams",
+    "UADDetector", "UADParams", "auroc",
     "features", "forward_features", "ledoit_wolf", "lid", "resolve_layers", "stage_layers", "threshold_at_fpr",
     "tpr_at_fpr",
 ]

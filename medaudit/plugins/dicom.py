@@ -66,14 +66,14 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
+from medaudit.core.components import Dataset, LoadedData, Task
 from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
-from medaudit.core.privacy import pseudonym, pseudonym_key
-from medaudit.plugins.image_folders import check_folder, fingerprint_of
+from medaudit.core.privacy import distinctive, drop_public, file_name_values, pseudonym, pseudonym_key
+from medaudit.plugins.image_folders import ClassFolderParams, check_folder, class_folders, fingerprint_of
 
 PROFILE_FILE = "dicom_basic_profile.tsv"
 
@@ -81,7 +81,6 @@ PROFILE_FILE = "dicom_basic_profile.tsv"
 TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC", "UR", "AE", "AS", "DA", "DT", "TM", "UI"})
 #: VRs whose values are also split into name components.
 NAME_VRS = frozenset({"PN", "UN"})
-MIN_SENSITIVE_LENGTH = 4
 
 #: Modality defined terms (PS3.3 C.7.3.1.1.1) the description may count; others count as "other".
 MODALITIES = frozenset(
@@ -141,20 +140,15 @@ def is_listed(tag: int) -> bool:
 # -- harvesting sensitive values ------------------------------------------------------------
 
 
-def _keep(text: str) -> bool:
-    """Long enough, with a letter or digit, and not one character repeated (dummy values like 000000)."""
-    return len(text) >= MIN_SENSITIVE_LENGTH and len(set(text)) > 1 and any(c.isalnum() for c in text)
-
-
 def _add(out: set[str], text: str, split_names: bool) -> None:
     for item in text.split("\\"):
         item = item.strip(" \x00\t\r\n")
-        if _keep(item):
+        if distinctive(item):
             out.add(item)
         if split_names:
             for part in re.split(r"[\^=]", item):
                 part = part.strip(" \x00\t\r\n")
-                if _keep(part):
+                if distinctive(part):
                     out.add(part)
 
 
@@ -206,10 +200,6 @@ def harvest(dataset, out: set[str], inherited: bool = False) -> None:
                 _add(out, text, split_names=elem.VR in NAME_VRS)
 
 
-def file_name_values(name: str) -> set[str]:
-    return {s for s in (name, Path(name).stem) if _keep(s)}
-
-
 # -- reading -----------------------------------------------------------------------------
 
 
@@ -238,7 +228,7 @@ def has_dicom_prefix(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def _number(ds, keyword: str) -> float | None:
+def header_number(ds, keyword: str) -> float | None:
     """First value of a numeric attribute as a finite float, or None when absent or unusable."""
     try:
         value = ds.get(keyword)
@@ -252,7 +242,7 @@ def _number(ds, keyword: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _numbers(ds, keyword: str) -> tuple[float, ...] | None:
+def header_numbers(ds, keyword: str) -> tuple[float, ...] | None:
     try:
         value = ds.get(keyword)
         if value is None or value == "":
@@ -264,7 +254,7 @@ def _numbers(ds, keyword: str) -> tuple[float, ...] | None:
     return numbers if numbers and all(math.isfinite(n) for n in numbers) else None
 
 
-def _text(ds, keyword: str) -> str | None:
+def header_text(ds, keyword: str) -> str | None:
     try:
         value = ds.get(keyword)
     except Exception:
@@ -272,15 +262,137 @@ def _text(ds, keyword: str) -> str | None:
     return str(value).strip() if value is not None else None
 
 
-class DicomFolderParams(Params):
+def functional_item(ds, sequence: str, frame: int = 0):
+    """The first item of a functional group macro (e.g. ``PixelMeasuresSequence``) of an enhanced
+    multi-frame file for ``frame``: the per-frame group's when it has one, else the shared group's."""
+    for groups_kw, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            groups = ds.get(groups_kw)
+            if groups and index < len(groups):
+                inner = groups[index].get(sequence)
+                if inner:
+                    return inner[0]
+        except Exception:
+            continue
+    return None
+
+
+def read_dicom(path: Path, where: str, *, header_only: bool = False):
+    """Read a DICOM Part 10 file (no ``force``); errors name the case by ``where``, never the file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with quiet_pydicom():
+            return pydicom.dcmread(path, stop_before_pixels=header_only)
+    except InvalidDicomError:
+        raise DataError(
+            f"{where}: not a DICOM file (no 'DICM' prefix after the 128-byte preamble); export it as a DICOM "
+            "Part 10 file or remove it"
+        ) from None
+    except Exception as exc:  # pydicom raises many types for damaged files; their messages can quote values
+        raise DataError(f"{where}: corrupt or truncated DICOM file ({type(exc).__name__} while parsing)") from None
+
+
+def read_pixels(ds, where: str, *, multi_frame: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image after the Modality LUT (float64; ``H x W``, or ``F x H x W`` for a multi-frame
+    file when ``multi_frame``) and the allowlisted facts of the file.
+
+    The Modality LUT is the file's Rescale Slope/Intercept or Modality LUT Sequence, else the
+    Pixel Value Transformation of an enhanced file's functional groups (per frame). Call
+    inside :func:`quiet_pydicom`.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DataError(f"{where}: the file has no pixel data (not an image, or truncated before its pixels)")
+    frames = header_number(ds, "NumberOfFrames")
+    n_frames = int(frames) if frames is not None and frames >= 1 and frames == int(frames) else 1
+    if n_frames > 1 and not multi_frame:
+        raise DataError(f"{where}: multi-frame image ({n_frames} frames) unsupported; use single-frame files")
+    samples = header_number(ds, "SamplesPerPixel")
+    photometric = header_text(ds, "PhotometricInterpretation")
+    if samples is not None and samples != 1:
+        raise DataError(
+            f"{where}: {samples:g} samples per pixel (colour) unsupported; this dataset reads greyscale images"
+        )
+    if photometric not in MONOCHROME:
+        shown = f"{photometric} is" if photometric in PHOTOMETRIC_TERMS else "is missing or not a defined term, so"
+        raise DataError(
+            f"{where}: photometric interpretation {shown} unsupported; this dataset reads greyscale "
+            "(MONOCHROME1/2) images"
+        )
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "") if getattr(syntax, "is_transfer_syntax", False) else ""
+        raise DataError(
+            f"{where}: cannot decode the pixel data ({type(exc).__name__}"
+            + (f"; transfer syntax {name}" if name else "")
+            + "): truncated or corrupt pixel data, or a compressed format without an installed decoder"
+        ) from None
+    expected = 3 if n_frames > 1 else 2
+    if stored.ndim != expected or (n_frames > 1 and stored.shape[0] != n_frames):
+        what = f"{n_frames} greyscale frames" if n_frames > 1 else "a single greyscale frame"
+        raise DataError(f"{where}: pixel data has shape {tuple(stored.shape)}; expected {what}")
+    rescaled = any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"))
+    try:
+        if rescaled:
+            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        else:
+            values = np.array(stored, dtype=np.float64)
+            frame_values = values if n_frames > 1 else values[None]
+            for i in range(len(frame_values)):
+                item = functional_item(ds, "PixelValueTransformationSequence", i)
+                if item is not None:
+                    slope, intercept = header_number(item, "RescaleSlope"), header_number(item, "RescaleIntercept")
+                    if slope is not None or intercept is not None:
+                        rescaled = True
+                        frame_values[i] = frame_values[i] * (1.0 if slope is None else slope) + (intercept or 0.0)
+    except Exception as exc:
+        raise DataError(
+            f"{where}: cannot apply the Modality LUT / Rescale Slope and Intercept ({type(exc).__name__})"
+        ) from None
+    if not np.isfinite(values).all():
+        raise DataError(f"{where}: the image contains NaN or Inf values")
+    center, width = header_number(ds, "WindowCenter"), header_number(ds, "WindowWidth")
+    if center is None or width is None:
+        voi = functional_item(ds, "FrameVOILUTSequence")
+        if voi is not None:
+            center, width = header_number(voi, "WindowCenter"), header_number(voi, "WindowWidth")
+    modality = header_text(ds, "Modality")
+    spacing = header_numbers(ds, "PixelSpacing")
+    if spacing is None:
+        measures = functional_item(ds, "PixelMeasuresSequence")
+        spacing = header_numbers(measures, "PixelSpacing") if measures is not None else None
+    bits = header_number(ds, "BitsStored")
+    return values, {
+        "modality": modality if modality in MODALITIES else "other",
+        "photometric": photometric,
+        "bits": int(bits) if bits is not None and bits == int(bits) and 1 <= bits <= 64 else None,
+        "spacing": list(spacing) if spacing is not None and len(spacing) == 2 and min(spacing) > 0 else None,
+        "window": (center, width) if center is not None and width is not None and width > 0 else None,
+        "rescaled": int(rescaled),
+    }
+
+
+def check_window(value: tuple[float, float] | None) -> tuple[float, float] | None:
+    """Validator of a ``window`` param: [centre, width], finite, width > 0."""
+    if value is not None and not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[1] > 0):
+        raise ValueError("window must be two finite numbers [centre, width] with width > 0")
+    return value
+
+
+def is_dicom_candidate(path: Path) -> bool:
+    """``*.dcm``, or a file without an extension that starts with the DICOM prefix."""
+    return path.suffix.lower() == ".dcm" or (not path.suffix and has_dicom_prefix(path))
+
+
+class DicomFolderParams(ClassFolderParams):
     path: Path = Field(
         description="Root folder with one subfolder per class, each holding single-frame DICOM files (*.dcm, or "
         "files without an extension that start with the DICOM prefix); not searched recursively."
-    )
-    classes: list[str] | None = Field(
-        None,
-        description="Class subfolders in label order (0, 1, ...); other subfolders are ignored. Default: all "
-        "subfolders, sorted by name.",
     )
     window: tuple[float, float] | None = Field(
         None,
@@ -297,30 +409,10 @@ class DicomFolderParams(Params):
     )
     channels: Literal[1, 3] = Field(1, description="Channels of the output: 1, or 3 (the grey image repeated).")
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _resolve(cls, value, info: ValidationInfo) -> Path:
-        return resolve_path(value, info)
-
-    @field_validator("classes")
-    @classmethod
-    def _plain_names(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("classes must list at least one class folder")
-            if len(set(value)) != len(value):
-                raise ValueError("classes must be distinct")
-            for name in value:
-                if not name or name in (".", "..") or "/" in name or "\\" in name:
-                    raise ValueError(f"class {name!r} is not a folder name")
-        return value
-
     @field_validator("window")
     @classmethod
     def _valid_window(cls, value):
-        if value is not None and not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[1] > 0):
-            raise ValueError("window must be two finite numbers [centre, width] with width > 0")
-        return value
+        return check_window(value)
 
 
 class DicomFolder(Dataset):
@@ -335,7 +427,7 @@ class DicomFolder(Dataset):
         p: DicomFolderParams = self.params
         ds_name = self.name
         check_folder(p.path, "root", ds_name)
-        classes, ignored_folders = self._classes(p)
+        classes, ignored_folders = class_folders(p.path, p.classes, ds_name)
 
         # First pass: list and hash the files, so errors can name cases by their pseudonym.
         files: list[tuple[int, str, Path]] = []  # (label, class, path)
@@ -346,7 +438,7 @@ class DicomFolder(Dataset):
             for f in sorted(folder.iterdir(), key=lambda f: f.name):
                 if not f.is_file() or f.name.startswith(".") or f.name.upper() == "DICOMDIR":
                     continue
-                if f.suffix.lower() == ".dcm" or (not f.suffix and has_dicom_prefix(f)):
+                if is_dicom_candidate(f):
                     files.append((label, cls, f))
                     found += 1
                 else:
@@ -369,11 +461,11 @@ class DicomFolder(Dataset):
         for (label, cls, path), case in zip(files, case_ids):
             where = f"{ds_name}: case {case} in class folder {cls!r}"
             sensitive |= file_name_values(path.name)
-            ds = self._read(path, where)
+            ds = read_dicom(path, where)
             with quiet_pydicom():
                 harvest(ds.file_meta, sensitive)
                 harvest(ds, sensitive)
-                values, info = self._pixels(ds, where)
+                values, info = read_pixels(ds, where)
             declared_clean += str(getattr(ds, "BurnedInAnnotation", "")).strip().upper() == "NO"
             facts["modality"][info["modality"]] += 1
             facts["stored"][values.shape] += 1
@@ -387,7 +479,7 @@ class DicomFolder(Dataset):
 
             window = p.window if p.window is not None else info["window"]
             facts["window"]["spec" if p.window is not None else ("file" if window is not None else "minmax")] += 1
-            image = _window(values, window)
+            image = window_values(values, window)
             if info["photometric"] == "MONOCHROME1":
                 image = 1.0 - image
             x = torch.from_numpy(image)[None]
@@ -409,7 +501,7 @@ class DicomFolder(Dataset):
 
         # Class names are shown in the report anyway: a value they contain is no secret, and keeping it
         # would make the run refuse to write its own class names.
-        sensitive = {v for v in sensitive if not any(v in cls for cls in classes)}
+        sensitive = drop_public(sensitive, classes)
         images_t = torch.stack(images).clamp_(0.0, 1.0).contiguous()
         labels = torch.tensor([label for label, _, _ in files], dtype=torch.long)
         fingerprint = fingerprint_of(hashes, p.model_dump(mode="json", exclude={"path"}))
@@ -430,88 +522,6 @@ class DicomFolder(Dataset):
             intensity_window=(p.window[0] - p.window[1] / 2, p.window[0] + p.window[1] / 2) if p.window else None,
             intensity_unit="HU" if set(facts["modality"]) == {"CT"} else "rescaled intensity units",
         )
-
-    def _classes(self, p: DicomFolderParams) -> tuple[list[str], int]:
-        folders = sorted(f.name for f in p.path.iterdir() if f.is_dir() and not f.name.startswith("."))
-        if p.classes is None:
-            if not folders:
-                raise DataError(f"{self.name}: no class subfolders in {p.path}; put each class's files in a subfolder")
-            return folders, 0
-        missing = [c for c in p.classes if c not in folders]
-        if missing:
-            raise DataError(f"{self.name}: class folder {missing[0]!r} not found in {p.path}")
-        return list(p.classes), len(folders) - len(p.classes)
-
-    @staticmethod
-    def _read(path: Path, where: str):
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
-        try:
-            with quiet_pydicom():
-                return pydicom.dcmread(path)
-        except InvalidDicomError:
-            raise DataError(
-                f"{where}: not a DICOM file (no 'DICM' prefix after the 128-byte preamble); export it as a DICOM "
-                "Part 10 file or remove it"
-            ) from None
-        except Exception as exc:  # pydicom raises many types for damaged files; their messages can quote values
-            raise DataError(f"{where}: corrupt or truncated DICOM file ({type(exc).__name__} while parsing)") from None
-
-    @staticmethod
-    def _pixels(ds, where: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """The image after the Modality LUT (float64, H x W), and the allowlisted facts of the file."""
-        from pydicom.pixels import apply_modality_lut
-
-        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise DataError(f"{where}: the file has no pixel data (not an image, or truncated before its pixels)")
-        frames = _number(ds, "NumberOfFrames")
-        if frames is not None and frames > 1:
-            raise DataError(f"{where}: multi-frame image ({int(frames)} frames) unsupported; use single-frame files")
-        samples = _number(ds, "SamplesPerPixel")
-        photometric = _text(ds, "PhotometricInterpretation")
-        if samples is not None and samples != 1:
-            raise DataError(
-                f"{where}: {samples:g} samples per pixel (colour) unsupported; this dataset reads greyscale images"
-            )
-        if photometric not in MONOCHROME:
-            shown = f"{photometric} is" if photometric in PHOTOMETRIC_TERMS else "is missing or not a defined term, so"
-            raise DataError(
-                f"{where}: photometric interpretation {shown} unsupported; this dataset reads greyscale "
-                "(MONOCHROME1/2) images"
-            )
-        try:
-            stored = ds.pixel_array
-        except Exception as exc:
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            name = getattr(syntax, "name", "") if getattr(syntax, "is_transfer_syntax", False) else ""
-            raise DataError(
-                f"{where}: cannot decode the pixel data ({type(exc).__name__}"
-                + (f"; transfer syntax {name}" if name else "")
-                + "): truncated or corrupt pixel data, or a compressed format without an installed decoder"
-            ) from None
-        if stored.ndim != 2:
-            raise DataError(f"{where}: pixel data has shape {tuple(stored.shape)}; expected a single greyscale frame")
-        try:
-            values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-        except Exception as exc:
-            raise DataError(
-                f"{where}: cannot apply the Modality LUT / Rescale Slope and Intercept ({type(exc).__name__})"
-            ) from None
-        if not np.isfinite(values).all():
-            raise DataError(f"{where}: the image contains NaN or Inf values")
-        center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
-        modality = _text(ds, "Modality")
-        spacing = _numbers(ds, "PixelSpacing")
-        bits = _number(ds, "BitsStored")
-        return values, {
-            "modality": modality if modality in MODALITIES else "other",
-            "photometric": photometric,
-            "bits": int(bits) if bits is not None and bits == int(bits) and 1 <= bits <= 64 else None,
-            "spacing": list(spacing) if spacing is not None and len(spacing) == 2 and min(spacing) > 0 else None,
-            "window": (center, width) if center is not None and width is not None and width > 0 else None,
-            "rescaled": int(any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"))),
-        }
 
     def _describe(
         self, p, classes, labels, images, facts, spacings, no_spacing, rescaled, ignored_files, ignored_folders, sensitive
@@ -550,8 +560,9 @@ class DicomFolder(Dataset):
         return "; ".join(part for part in parts if not any(v in part for v in sensitive))
 
 
-def _window(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    """Map [centre - width / 2, centre + width / 2] (or the image's min-max) to [0, 1] with clipping."""
+def window_values(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Map [centre - width / 2, centre + width / 2] (or the values' own min-max) to [0, 1] with
+    clipping (float32, any shape)."""
     if window is not None:
         low, width = window[0] - window[1] / 2.0, window[1]
     else:

@@ -7,8 +7,14 @@ invents labels at every edge, so JPEG masks are refused rather than guessed at.
 
 Case ids are pseudonyms (:func:`medaudit.core.privacy.pseudonym`, keyed with a secret
 derived from the files' contents, never written out) because file names often carry
-patient identifiers; neither the case ids nor the description contain file names. Error messages do name the file (they
-go to the user's own console only), so a bad file is easy to find and fix.
+patient identifiers; neither the case ids nor the description contain file names, and the
+names and stems of the files read go into :attr:`LoadedData.sensitive_values`, so the run
+refuses to write an output that holds one (a name that is part of a class name is left
+out: the report shows class names anyway). Error messages do name the file (they go to the
+user's own console only), so a bad file is easy to find and fix.
+
+The helpers in this module (listing, matching, fingerprints, reading 2D images) are shared
+by the other file-based datasets.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
 from medaudit.core.errors import DataError
-from medaudit.core.privacy import pseudonym, pseudonym_key
+from medaudit.core.privacy import drop_public, file_name_values, pseudonym, pseudonym_key
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -116,6 +122,50 @@ def mask_class_names(max_label: int, class_names: list[str] | None, dataset: str
     return list(class_names)
 
 
+class ClassFolderParams(Params):
+    """Params of the datasets that read one subfolder per class: ``path`` and ``classes``."""
+
+    path: Path = Field(description="Root folder with one subfolder per class.")
+    classes: list[str] | None = Field(
+        None,
+        description="Class subfolders in label order (0, 1, ...); other subfolders are ignored. Default: all "
+        "subfolders, sorted by name.",
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _resolve(cls, value, info: ValidationInfo) -> Path:
+        return resolve_path(value, info)
+
+    @field_validator("classes")
+    @classmethod
+    def _plain_names(cls, value: list[str] | None) -> list[str] | None:
+        """Distinct plain folder names."""
+        if value is not None:
+            if not value:
+                raise ValueError("classes must list at least one class folder")
+            if len(set(value)) != len(value):
+                raise ValueError("classes must be distinct")
+            for name in value:
+                if not name or name in (".", "..") or "/" in name or "\\" in name:
+                    raise ValueError(f"class {name!r} is not a folder name")
+        return value
+
+
+def class_folders(root: Path, classes: list[str] | None, dataset: str) -> tuple[list[str], int]:
+    """The class subfolders of ``root`` in label order (``classes``, else all sorted by name)
+    and how many subfolders are left out."""
+    folders = sorted(f.name for f in root.iterdir() if f.is_dir() and not f.name.startswith("."))
+    if classes is None:
+        if not folders:
+            raise DataError(f"{dataset}: no class subfolders in {root}; put each class's files in a subfolder")
+        return folders, 0
+    missing = [c for c in classes if c not in folders]
+    if missing:
+        raise DataError(f"{dataset}: class folder {missing[0]!r} not found in {root}")
+    return list(classes), len(folders) - len(classes)
+
+
 def read_bytes(path: Path) -> tuple[bytes, str]:
     data = path.read_bytes()
     return data, hashlib.sha256(data).hexdigest()
@@ -172,7 +222,8 @@ class ImageMaskFolderParams(Params):
         return self
 
 
-def _open(data: bytes, rel: str, what: str, dataset: str):
+def open_image(data: bytes, rel: str, what: str, dataset: str):
+    """Decode one 2D image file's bytes with Pillow; a corrupt file or a multi-frame one is a DataError."""
     from PIL import Image
 
     try:
@@ -185,8 +236,9 @@ def _open(data: bytes, rel: str, what: str, dataset: str):
     return img
 
 
-def _image_array(img, rel: str, grayscale: bool, dataset: str) -> np.ndarray:
-    """``C x H x W`` float32 in [0, 1]: 8-bit modes / 255, 16-bit modes / 65535, float as is."""
+def image_array(img, rel: str, grayscale: bool, dataset: str) -> np.ndarray:
+    """``C x H x W`` float32 in [0, 1]: 8-bit modes / 255, 16-bit modes / 65535, float as is (NaN, Inf
+    and values outside [0, 1] refused)."""
     if img.mode in _WIDE_MODES or img.mode == "F":
         arr = np.asarray(img)
         if arr.dtype.kind == "f":
@@ -206,6 +258,13 @@ def _image_array(img, rel: str, grayscale: bool, dataset: str) -> np.ndarray:
         raise DataError(f"{dataset}: cannot convert image {rel} (mode {img.mode}): {exc}") from None
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr[None] if grayscale else arr.transpose(2, 0, 1)
+
+
+def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``C x H x W`` to ``C x size x size``, bilinear and antialiased (unchanged when already that size)."""
+    if tuple(x.shape[1:]) == (size, size):
+        return x
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def _mask_array(img, rel: str, dataset: str) -> np.ndarray:
@@ -249,15 +308,17 @@ class ImageMaskFolder(Dataset):
             pairs = pairs[: p.max_cases]
 
         images, masks, hashes = [], [], []
+        sensitive: set[str] = set()
         shape: tuple[int, int] | None = None
         for image_name, mask_name in pairs:
+            sensitive |= file_name_values(image_name) | file_name_values(mask_name)
             if Path(mask_name).suffix.lower() in LOSSY_SUFFIXES:
                 raise DataError(f"{ds}: mask {mask_name} is a JPEG; JPEG is lossy and alters labels, save masks as PNG")
             image_bytes, image_hash = read_bytes(p.images / image_name)
             mask_bytes, mask_hash = read_bytes(p.masks / mask_name)
             hashes += [("images/" + image_name, image_hash), ("masks/" + mask_name, mask_hash)]
-            image = _image_array(_open(image_bytes, image_name, "image", ds), image_name, p.grayscale, ds)
-            mask = _mask_array(_open(mask_bytes, mask_name, "mask", ds), mask_name, ds)
+            image = image_array(open_image(image_bytes, image_name, "image", ds), image_name, p.grayscale, ds)
+            mask = _mask_array(open_image(mask_bytes, mask_name, "mask", ds), mask_name, ds)
             if mask.shape != image.shape[1:]:
                 raise DataError(
                     f"{ds}: mask {mask_name} is {mask.shape[0]}x{mask.shape[1]} but its image is "
@@ -304,6 +365,7 @@ class ImageMaskFolder(Dataset):
             masks=masks_t,
             mask_class_names=names,
             description=description,
+            sensitive_values=frozenset(drop_public(sensitive, ["image", *names])),
         )
 
     def _map_values(self, mask: np.ndarray, values: list[int], rel: str) -> np.ndarray:
@@ -323,7 +385,7 @@ class ImageMaskFolder(Dataset):
     def _resize(x: torch.Tensor, m: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(m.shape) == (size, size):
             return x, m
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+        x = resize_image(x, size)
         m = F.interpolate(m[None, None].double(), size=(size, size), mode="nearest-exact")[0, 0].round().long()
         return x, m
 

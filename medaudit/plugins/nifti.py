@@ -11,7 +11,10 @@ millimetres (Hausdorff distances) use the right scale.
 
 Case ids are pseudonyms keyed with a secret derived from the files' contents; file
 names, which often carry patient identifiers, appear only in error messages on the
-user's console.
+user's console. The names and stems of the files read, and the non-empty free-text header
+fields ``descrip``, ``aux_file`` and ``db_name`` (which converters fill with series
+descriptions, sometimes names or dates), go into :attr:`LoadedData.sensitive_values`, so the
+run refuses to write an output that holds one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from medaudit import hookimpl
 from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
 from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
-from medaudit.core.privacy import pseudonym, pseudonym_key
+from medaudit.core.privacy import distinctive, drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.image_folders import (
     check_folder,
     fingerprint_of,
@@ -40,6 +43,8 @@ from medaudit.plugins.image_folders import (
 )
 
 SUFFIXES = (".nii.gz", ".nii")
+#: Free-text header fields that may carry identifying text (a name, an id, a date).
+HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name")
 
 
 def _key(name: str) -> str:
@@ -89,8 +94,24 @@ class NiftiParams(Params):
         return value
 
 
+def _header_texts(header) -> set[str]:
+    """The non-empty free-text fields of a NIfTI header (descrip, aux_file, db_name), decoded."""
+    out = set()
+    for field in HEADER_TEXT_FIELDS:
+        try:
+            raw = header[field]
+        except Exception:  # NIfTI-2 has no db_name
+            continue
+        value = raw.item() if hasattr(raw, "item") else raw
+        text = (value.decode("latin-1") if isinstance(value, bytes) else str(value)).strip(" \x00\t\r\n")
+        if distinctive(text):
+            out.add(text)
+    return out
+
+
 def _read(path: Path, rel: str, what: str, dataset: str, labels: bool):
-    """Return the voxel array in (D, H, W) order, the spacing (D, H, W) and the axis codes."""
+    """Return the voxel array in (D, H, W) order, the spacing (D, H, W), the axis codes and the
+    header's free-text values."""
     import nibabel as nib
 
     try:
@@ -102,6 +123,7 @@ def _read(path: Path, rel: str, what: str, dataset: str, labels: bool):
         # float32 zooms to 6 significant digits: 0.7, not 0.699999988
         zooms = tuple(float(f"{float(z):.6g}") for z in img.header.get_zooms())
         codes = "".join(c or "?" for c in nib.aff2axcodes(img.affine))
+        texts = _header_texts(img.header)
     except Exception as exc:  # nibabel, gzip and numpy raise many types for corrupt files
         raise DataError(f"{dataset}: cannot read {what} {rel}: {type(exc).__name__}: {exc}") from None
     if arr.ndim == 4 and arr.shape[3] == 1:
@@ -109,7 +131,7 @@ def _read(path: Path, rel: str, what: str, dataset: str, labels: bool):
     if arr.ndim != 3:
         raise DataError(f"{dataset}: {what} {rel} has shape {tuple(arr.shape)} (X, Y, Z, ...); this dataset reads 3D volumes")
     # nibabel indexes (X, Y, Z); the tensor layout is (D, H, W) = (Z, Y, X).
-    return np.ascontiguousarray(arr.transpose(2, 1, 0)), tuple(reversed(zooms[:3])), codes
+    return np.ascontiguousarray(arr.transpose(2, 1, 0)), tuple(reversed(zooms[:3])), codes, texts
 
 
 def _window(arr: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
@@ -171,6 +193,7 @@ class Nifti(Dataset):
             pairs = pairs[: p.max_cases]
 
         images, labels, hashes, spacings, orientations = [], [], [], [], []
+        sensitive: set[str] = set()
         raw_min, raw_max = math.inf, -math.inf
         shape: tuple[int, ...] | None = None
         for image_name, label_name in pairs:
@@ -178,8 +201,11 @@ class Nifti(Dataset):
                 ("images/" + image_name, file_sha256(p.images / image_name)),
                 ("labels/" + label_name, file_sha256(p.labels / label_name)),
             ]
-            vol, spacing, codes = _read(p.images / image_name, image_name, "volume", ds, labels=False)
-            lab, _, _ = _read(p.labels / label_name, label_name, "label map", ds, labels=True)
+            vol, spacing, codes, texts = _read(p.images / image_name, image_name, "volume", ds, labels=False)
+            lab, _, _, label_texts = _read(p.labels / label_name, label_name, "label map", ds, labels=True)
+            sensitive |= texts | label_texts
+            for name in (image_name, label_name):
+                sensitive |= file_name_values(name) | file_name_values(_key(name))
             if not np.isfinite(vol).all():
                 raise DataError(f"{ds}: volume {image_name} contains NaN or Inf voxels")
             lab = label_map(lab, label_name, ds)
@@ -240,6 +266,7 @@ class Nifti(Dataset):
             spacing=tuple(float(s) for s in spacing),
             intensity_window=tuple(p.window) if p.window is not None else None,
             intensity_unit="intensity units of the files (HU for CT)",
+            sensitive_values=frozenset(drop_public(sensitive, ["image", *names])),
         )
 
 

@@ -118,6 +118,7 @@ class Defenses(ReportSection):
         metric = headline_metric(results)
         clean_metric = next((m["name"] for m in results["metrics"] if m["clean"] and m["name"] in ("clean_accuracy", "clean_dice")), None)
         value = {(r["defense"], r["attack"], r["epsilon"]): r["metrics"].get(metric) for r in results["rows"]}
+        detection = {(r["defense"], r["attack"], r["epsilon"]): r["detection"] for r in results["rows"] if "detection" in r}
         defenses = []
         for d in results["defenses"]:
             label = d["label"]
@@ -126,7 +127,9 @@ class Defenses(ReportSection):
                 {"attack": a, "epsilon_label": r["epsilon_label"],
                  "undefended": value.get(("none", a, r["epsilon"])), "naive": value.get((label, a, r["epsilon"])),
                  "adaptive": value.get((label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"])),
-                 "has_adaptive": (label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]) in value}
+                 "has_adaptive": (label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]) in value,
+                 "detection": detection.get((label, a, r["epsilon"])),
+                 "detection_adaptive": detection.get((label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]))}
                 for a in attacks for r in results["rows"] if r["defense"] == label and r["attack"] == a
             ]
             trade = [
@@ -135,7 +138,8 @@ class Defenses(ReportSection):
                 for r in results["rows"] if r["defense"] == label and r["attack"] == "worst_case"
             ]
             clean = {k: (results["clean"].get(k) or {}).get(clean_metric) for k in ("none", label)}
-            defenses.append({**d, "table": table, "trade": trade, "clean": clean})
+            detects = any(t["detection"] for t in table)
+            defenses.append({**d, "table": table, "trade": trade, "clean": clean, "detects": detects})
         return {"headline": metric, "clean_metric": clean_metric, "defenses": defenses, "suffix": ADAPTIVE_SUFFIX}
 
 

@@ -11,8 +11,9 @@ through ``factory`` (e.g. MONAI's ``monai.networks.nets:UNet`` with ``spatial_di
 from __future__ import annotations
 
 import importlib
+import io
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -22,11 +23,13 @@ from medaudit.core.components import Access, LoadedModel, ModelLoader, Task
 from medaudit.core.environment import require_torchvision
 from medaudit.core.errors import ModelLoadError
 from medaudit.core.models import (
+    CheckpointParams,
+    PinnedFileParams,
     PixelSpaceModel,
     SlidingWindow,
-    file_sha256,
     load_weights,
     prepare_for_audit,
+    read_model_file,
     state_dict_sha256,
 )
 from medaudit.plugins.timm_models import NormalisedModelParams, existing_file, no_such_name, torchvision_ready
@@ -50,10 +53,14 @@ class WrappedModelParams(NormalisedModelParams):
         return self
 
 
-class ModuleParams(WrappedModelParams):
+class ModuleParams(WrappedModelParams, CheckpointParams):
     """Params of loaders that build the network in Python and load a state dict into it."""
 
-    checkpoint: Path | None = Field(None, description="State dict (.pt/.pth via weights_only=True, or .safetensors).")
+    checkpoint: Path | None = Field(
+        None,
+        description="State dict (.pt/.pth via weights_only=True, or .safetensors); a whole pickled model only with "
+        "trust_checkpoint.",
+    )
 
     @field_validator("checkpoint", mode="before")
     @classmethod
@@ -66,8 +73,7 @@ def finish(net: torch.nn.Module, p: WrappedModelParams, task: Task, what: str, f
     input (and the sliding window), freeze it."""
     checkpoint = getattr(p, "checkpoint", None)
     if checkpoint is not None:
-        load_weights(net, checkpoint, what)
-        fingerprint = file_sha256(checkpoint)
+        fingerprint = load_weights(net, checkpoint, what, sha256=p.sha256, trust_checkpoint=p.trust_checkpoint)
     module: torch.nn.Module = PixelSpaceModel(net, p.mean, p.std, p.in_channels)
     if p.patch_size is not None:
         module = SlidingWindow(module, p.patch_size, p.overlap)
@@ -185,7 +191,9 @@ class FactoryLoader(ModelLoader):
 # -- TorchScript ----------------------------------------------------------------------
 
 
-class TorchScriptParams(WrappedModelParams):
+class TorchScriptParams(WrappedModelParams, PinnedFileParams):
+    pinned_fields: ClassVar[tuple[str, ...]] = ("path",)
+
     path: Path = Field(description="A TorchScript archive (torch.jit.save) taking normalised input.")
 
     @field_validator("path", mode="before")
@@ -204,12 +212,13 @@ class TorchScriptLoader(ModelLoader):
 
     def load(self, task: Task) -> LoadedModel:
         p: TorchScriptParams = self.params
+        data, digest = read_model_file(p.path, p.sha256)
         try:
-            net = torch.jit.load(str(p.path), map_location="cpu")
+            net = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as exc:
             raise ModelLoadError(f"{p.path}: not a TorchScript archive ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         what = f"TorchScript {p.path.name} (in_channels={p.in_channels}, classes={p.classes})"
-        return finish(net, p, task, what, fingerprint=file_sha256(p.path))
+        return finish(net, p, task, what, fingerprint=digest)
 
 
 @hookimpl

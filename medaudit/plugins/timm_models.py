@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -10,7 +11,14 @@ from medaudit import hookimpl
 from medaudit.core.components import Access, LoadedModel, ModelLoader, Params, Task, resolve_path
 from medaudit.core.environment import require_torchvision
 from medaudit.core.errors import ModelLoadError
-from medaudit.core.models import PixelSpaceModel, file_sha256, load_weights, prepare_for_audit, state_dict_sha256
+from medaudit.core.models import (
+    CheckpointParams,
+    PixelSpaceModel,
+    load_weights,
+    prepare_for_audit,
+    state_dict_sha256,
+    verify_file,
+)
 
 
 def no_such_name(library: str, kind: str, value: str, known) -> ValueError:
@@ -55,12 +63,16 @@ class NormalisedModelParams(Params):
         return value
 
 
-class TimmParams(NormalisedModelParams):
+class TimmParams(NormalisedModelParams, CheckpointParams):
+    pinned_fields: ClassVar[tuple[str, ...]] = ("checkpoint", "pretrained_file")
+
     arch: str = Field(description="timm architecture name, e.g. resnet18 (see timm.list_models()).")
     in_chans: int = Field(1, ge=1, le=64, description="Input channels of the network; grey images are replicated to match.")
     num_classes: int = Field(2, ge=2, description="Number of output classes.")
     checkpoint: Path | None = Field(
-        None, description="State dict of this exact network (.pt/.pth via weights_only=True, or .safetensors)."
+        None,
+        description="State dict of this exact network (.pt/.pth via weights_only=True, or .safetensors); a whole "
+        "pickled model only with trust_checkpoint.",
     )
     pretrained_file: Path | None = Field(
         None,
@@ -116,13 +128,13 @@ class TimmLoader(ModelLoader):
 
     def load(self, task: Task) -> LoadedModel:
         p: TimmParams = self.params
+        if p.checkpoint is None and p.pretrained_file is not None:
+            fingerprint = verify_file(p.pretrained_file, p.sha256)  # before timm reads it
         model = build_timm(p)
         if p.checkpoint is not None:
-            load_weights(model.net, p.checkpoint, f"timm {p.arch} (in_chans={p.in_chans}, num_classes={p.num_classes})")
-            fingerprint = file_sha256(p.checkpoint)
-        elif p.pretrained_file is not None:
-            fingerprint = file_sha256(p.pretrained_file)
-        else:
+            what = f"timm {p.arch} (in_chans={p.in_chans}, num_classes={p.num_classes})"
+            fingerprint = load_weights(model.net, p.checkpoint, what, sha256=p.sha256, trust_checkpoint=p.trust_checkpoint)
+        elif p.pretrained_file is None:
             fingerprint = state_dict_sha256(model)
         return LoadedModel(
             module=prepare_for_audit(model),

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from medaudit import hookimpl
-from medaudit.core.components import AttackContext, Defense, LoadedData, LoadedModel, Params, Task
+from medaudit.core.components import Access, AttackContext, Defense, LoadedData, LoadedModel, Params, Task
 from medaudit.core.models import file_sha256, prepare_for_audit
 from medaudit.plugins.adversarial_training import PGDATParams, SSATParams, TRADESParams, pgd_at, ssat, trades
 from medaudit.plugins.demo_model import cache_dir, save_atomic
@@ -63,11 +63,9 @@ class TrainedDefense(Defense):
         """Train ``module`` in place on ``train``; return facts for the report."""
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
-        shared = _image_hashes(self.train) & _image_hashes(data)
-        if shared:
-            raise ValueError(
-                f"train_data shares {len(shared)} image(s) with the evaluation data; name a disjoint training split"
-            )
+        if Access.GRADIENTS not in model.access:
+            raise ValueError(f"it trains the model's weights, and this model gives no gradients ({model.access_reason or 'a black box'})")
+        check_disjoint(self.train, data)
         config = {"defense": self.name, "params": self.params.model_dump(mode="json"), "model": model.fingerprint,
                   "train": self.train.fingerprint, "recipe": RECIPE_VERSION}
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -96,6 +94,13 @@ class TrainedDefense(Defense):
 
 def _image_hashes(data: LoadedData) -> set[str]:
     return {hashlib.sha256(image.contiguous().cpu().numpy().tobytes()).hexdigest() for image in data.images}
+
+
+def check_disjoint(train: LoadedData, data: LoadedData) -> None:
+    """Refuse a training split that shares an image with the evaluation data."""
+    shared = _image_hashes(train) & _image_hashes(data)
+    if shared:
+        raise ValueError(f"train_data shares {len(shared)} image(s) with the evaluation data; name a disjoint training split")
 
 
 class NlceDefenseParams(Params):

@@ -1,0 +1,391 @@
+"""Built-in datasets for 2D image classification: ``image-csv`` and ``image-folder``.
+
+Most 2D classification sets (dermoscopy, fundus, chest X-ray exports, histology tiles) are
+shipped either as a folder of images plus a table of labels, or as one subfolder of
+images per class. Both are read here with the reading code of ``image-mask-folder``
+(:func:`medaudit.plugins.image_folders.image_array`): PNG, TIFF, BMP and JPEG; 8-bit
+images scaled by 1/255, 16-bit ones by 1/65535, float TIFFs taken as they are (they must
+lie in [0, 1]; NaN and Inf are refused); ``grayscale`` gives one channel, otherwise
+three (RGB); ``size`` resizes to size x size (bilinear, antialiased), and without it all
+images must share one shape.
+
+Privacy follows ``image-mask-folder``: case ids are pseudonyms of the file's path
+(relative to the images folder or the class folder) keyed with a secret derived from
+the files' contents; the names, stems and folder names of the files go into
+:attr:`LoadedData.sensitive_values` (class names excepted, since the report shows them),
+so the run refuses to write an output that holds one. Error messages name the file: they
+go to the user's own console only.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+
+from medaudit import hookimpl
+from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
+from medaudit.core.errors import DataError
+from medaudit.core.models import file_sha256
+from medaudit.core.privacy import drop_public, file_name_values, leaked_values, pseudonym, pseudonym_key
+from medaudit.plugins.image_folders import (
+    IMAGE_SUFFIXES,
+    ClassFolderParams,
+    check_folder,
+    class_folders,
+    fingerprint_of,
+    image_array,
+    list_files,
+    open_image,
+    read_bytes,
+    resize_image,
+)
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _grayscale_field():
+    return Field(True, description="Convert images to one channel; false gives three (RGB).")
+
+
+def _size_field():
+    return Field(
+        None,
+        ge=1,
+        le=8192,
+        description="Resize every image to size x size (bilinear, antialiased); none: all images must share one "
+        "shape.",
+    )
+
+
+def _class_list(value: list[str] | None) -> list[str] | None:
+    if value is not None:
+        if not value:
+            raise ValueError("classes must list at least one class")
+        if len(set(value)) != len(value):
+            raise ValueError("classes must be distinct")
+        if any(not name.strip() for name in value):
+            raise ValueError("class names must not be empty")
+    return value
+
+
+def _read_images(
+    root: Path, rels: list[str], p: ImageCsvParams | ImageFolderParams, dataset: str
+) -> tuple[torch.Tensor, list[tuple[str, str]], Counter]:
+    """Read the images ``root / rel`` as ``N x C x H x W`` in [0, 1]; also their sha256 and
+    a count of their stored sizes."""
+    images, hashes, stored = [], [], Counter()
+    first: tuple[tuple[int, int], str] | None = None
+    for rel in rels:
+        data, digest = read_bytes(root / rel)
+        hashes.append((rel, digest))
+        x = torch.from_numpy(image_array(open_image(data, rel, "image", dataset), rel, p.grayscale, dataset))
+        shape = tuple(x.shape[1:])
+        stored[shape] += 1
+        if p.size is not None:
+            x = resize_image(x, p.size)
+        elif first is None:
+            first = (shape, rel)
+        elif shape != first[0]:
+            raise DataError(
+                f"{dataset}: image {rel} is {shape[0]} x {shape[1]} but image {first[1]} is "
+                f"{first[0][0]} x {first[0][1]}; set size to resize them all"
+            )
+        images.append(x)
+    return torch.stack(images).clamp_(0.0, 1.0).contiguous(), hashes, stored
+
+
+def _describe(
+    dataset: str, classes: list[str], labels: torch.Tensor, images: torch.Tensor, stored: Counter, size: int | None,
+    extra: list[str], sensitive: set[str],
+) -> str:
+    """Counts, shapes and intensity range; a part that happens to hold a sensitive value is dropped."""
+    n, c, h, w = images.shape
+    per_class = Counter(labels.tolist())
+    parts = [
+        f"{dataset}: {n} images in {len(classes)} classes ("
+        + ", ".join(f"{cls}: {per_class[i]}" for i, cls in enumerate(classes))
+        + ")",
+        f"{c} x {h} x {w} ({'grayscale' if c == 1 else 'RGB'}"
+        + (f", resized to {size} x {size}" if size is not None else "")
+        + ")",
+        "stored H x W "
+        + ", ".join(f"{s[0]} x {s[1]} ({k})" for s, k in sorted(stored.items(), key=lambda kv: (-kv[1], kv[0]))),
+        f"intensity range [{float(images.min()):.3g}, {float(images.max()):.3g}]",
+        *extra,
+    ]
+    return "; ".join(part for part in parts if not leaked_values(part, sensitive))
+
+
+# -- image-csv ---------------------------------------------------------------------------
+
+
+class ImageCsvParams(Params):
+    images: Path = Field(description="Folder of 2D images (png, tif, bmp, jpg) that the CSV's file column names.")
+    labels_csv: Path = Field(
+        description="CSV file (UTF-8, first row = column names) with one row per image: its file and its label."
+    )
+    file_column: str = Field(
+        "file",
+        min_length=1,
+        description="Column holding each image's path relative to the images folder (e.g. x.png or sub/x.png).",
+    )
+    label_column: str = Field(
+        "label", min_length=1, description="Column holding each image's label: a class name or a class index (0, 1, ...)."
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="Class names in label order (0, 1, ...); CSV labels may be these names or their indices. "
+        "Default: the sorted distinct labels when they are names, class0..classK-1 when they are all indices.",
+    )
+    delimiter: str = Field(",", min_length=1, max_length=1, description="Field separator of the CSV (e.g. ';' or a tab).")
+    ignore_unlisted: bool = Field(
+        False,
+        description="Ignore images in the images folder that have no row in the CSV (counted in the description); "
+        "default: such an image is an error, since a forgotten label would silently shrink the evaluation set.",
+    )
+    grayscale: bool = _grayscale_field()
+    size: int | None = _size_field()
+    max_cases: int | None = Field(None, ge=1, description="Read only the first cases (sorted by file path).")
+
+    @field_validator("images", "labels_csv", mode="before")
+    @classmethod
+    def _resolve(cls, value, info: ValidationInfo) -> Path:
+        return resolve_path(value, info)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str] | None) -> list[str] | None:
+        return _class_list(value)
+
+
+def _csv_rows(p: ImageCsvParams, dataset: str) -> list[tuple[int, str, str]]:
+    """(line number, file, label) of every non-empty row of the CSV, stripped."""
+    path, name = p.labels_csv, p.labels_csv.name
+    if not path.is_file():
+        raise DataError(f"{dataset}: labels_csv not found: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=p.delimiter, strict=True)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{dataset}: labels_csv {name} is empty; it needs a header row naming its columns")
+            header = [h.strip() for h in header]
+            columns = {}
+            for what, column in (("file_column", p.file_column), ("label_column", p.label_column)):
+                found = [i for i, h in enumerate(header) if h == column]
+                if not found:
+                    raise DataError(
+                        f"{dataset}: labels_csv {name} has no column {column!r} (columns: "
+                        f"{', '.join(repr(h) for h in header)}); set {what}"
+                    )
+                if len(found) > 1:
+                    raise DataError(f"{dataset}: labels_csv {name} has {len(found)} columns named {column!r}")
+                columns[what] = found[0]
+            rows = []
+            for fields in reader:
+                if not any(field.strip() for field in fields):
+                    continue
+                line = reader.line_num
+                if len(fields) <= max(columns.values()):
+                    raise DataError(
+                        f"{dataset}: labels_csv {name} line {line} has {len(fields)} fields but the header has "
+                        f"{len(header)}"
+                    )
+                rows.append((line, fields[columns["file_column"]].strip(), fields[columns["label_column"]].strip()))
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{dataset}: cannot read labels_csv {name}: {type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise DataError(f"{dataset}: labels_csv {name} has no rows below its header; the data set is empty")
+    return rows
+
+
+def _labels(rows: list[tuple[int, str, str]], classes: list[str] | None, csv_name: str, dataset: str):
+    """Label indices of the rows and the class names (see ImageCsvParams.classes)."""
+    for line, _, label in rows:
+        if not label:
+            raise DataError(f"{dataset}: labels_csv {csv_name} line {line} has no label")
+    if classes is not None:
+        index = {name: i for i, name in enumerate(classes)}
+        out = []
+        for line, _, label in rows:
+            if label in index:
+                out.append(index[label])
+            elif _INTEGER.fullmatch(label) and 0 <= int(label) < len(classes):
+                out.append(int(label))
+            else:
+                raise DataError(
+                    f"{dataset}: labels_csv {csv_name} line {line} has label {label!r}, which is neither one of "
+                    f"classes ({', '.join(classes)}) nor an index 0 to {len(classes) - 1}"
+                )
+        return out, list(classes)
+    if all(_INTEGER.fullmatch(label) for _, _, label in rows):
+        values = [int(label) for _, _, label in rows]
+        for (line, _, label), value in zip(rows, values):
+            if value < 0:
+                raise DataError(f"{dataset}: labels_csv {csv_name} line {line} has negative label {label}")
+        return values, [f"class{i}" for i in range(max(values) + 1)]
+    names = sorted({label for _, _, label in rows})
+    index = {name: i for i, name in enumerate(names)}
+    return [index[label] for _, _, label in rows], names
+
+
+class ImageCsv(Dataset):
+    """2D images from one folder with their class labels from a CSV file (one row per image)."""
+
+    name = "image-csv"
+    tasks = frozenset({Task.CLASSIFICATION})
+    dims = frozenset({2})
+    Params = ImageCsvParams
+
+    def load(self) -> LoadedData:
+        p: ImageCsvParams = self.params
+        ds = self.name
+        check_folder(p.images, "images", ds)
+        rows = _csv_rows(p, ds)
+        csv_name = p.labels_csv.name
+
+        listed: dict[str, int] = {}
+        cases: list[tuple[str, int, str]] = []  # (file, line, label)
+        for line, value, label in rows:
+            if not value:
+                raise DataError(f"{ds}: labels_csv {csv_name} line {line} has no file")
+            rel = PurePosixPath(value.replace("\\", "/"))
+            if rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", value):
+                raise DataError(
+                    f"{ds}: labels_csv {csv_name} line {line}: file {value!r} must be a path relative to the images "
+                    "folder"
+                )
+            key = rel.as_posix()
+            if key in listed:
+                raise DataError(f"{ds}: labels_csv {csv_name} lists file {key} twice (lines {listed[key]} and {line})")
+            listed[key] = line
+            if not (p.images / key).is_file():
+                raise DataError(f"{ds}: labels_csv {csv_name} line {line} names {key}, which is not in {p.images}")
+            cases.append((key, line, label))
+
+        unlisted = sorted(set(list_files(p.images, IMAGE_SUFFIXES)) - set(listed))
+        if unlisted and not p.ignore_unlisted:
+            raise DataError(
+                f"{ds}: {len(unlisted)} image{'s' if len(unlisted) > 1 else ''} in {p.images} "
+                f"{'have' if len(unlisted) > 1 else 'has'} no row in {csv_name} (first: {unlisted[0]}); add rows for "
+                "them or set ignore_unlisted: true"
+            )
+        sensitive: set[str] = set()
+        for rel in [*listed, *unlisted]:
+            sensitive |= file_name_values(rel)
+
+        label_index, classes = _labels([(line, rel, label) for rel, line, label in cases], p.classes, csv_name, ds)
+        order = sorted(range(len(cases)), key=lambda i: cases[i][0])
+        if p.max_cases is not None:
+            order = order[: p.max_cases]
+        rels = [cases[i][0] for i in order]
+        labels = torch.tensor([label_index[i] for i in order], dtype=torch.long)
+
+        images, hashes, stored = _read_images(p.images, rels, p, ds)
+        csv_hash = file_sha256(p.labels_csv)
+        all_hashes = [("images/" + rel, h) for rel, h in hashes] + [("labels_csv", csv_hash)]
+        key = pseudonym_key(h for _, h in all_hashes)
+        sensitive = drop_public(sensitive, classes)
+        extra = []
+        if len(rels) < len(cases):
+            extra.append(f"first {len(rels)} of {len(cases)} listed images (max_cases)")
+        if unlisted:
+            extra.append(f"{len(unlisted)} images without a row in the CSV ignored")
+        return LoadedData(
+            images=images,
+            labels=labels,
+            case_ids=[pseudonym(key, rel) for rel in rels],
+            class_names=classes,
+            fingerprint=fingerprint_of(all_hashes, p.model_dump(mode="json", exclude={"images", "labels_csv"})),
+            description=_describe(ds, classes, labels, images, stored, p.size, extra, sensitive),
+            sensitive_values=frozenset(sensitive),
+        )
+
+
+# -- image-folder ------------------------------------------------------------------------
+
+
+class ImageFolderParams(ClassFolderParams):
+    path: Path = Field(
+        description="Root folder with one subfolder of 2D images (png, tif, bmp, jpg) per class; class folders are "
+        "not searched recursively."
+    )
+    grayscale: bool = _grayscale_field()
+    size: int | None = _size_field()
+    max_cases: int | None = Field(
+        None,
+        ge=1,
+        description="Read only this many images, taken in turn from each class (by file name within a class), so a "
+        "small sample still covers every class.",
+    )
+
+
+class ImageFolder(Dataset):
+    """2D images in one subfolder per class (root/<class>/<image>); the subfolder is the label."""
+
+    name = "image-folder"
+    tasks = frozenset({Task.CLASSIFICATION})
+    dims = frozenset({2})
+    Params = ImageFolderParams
+
+    def load(self) -> LoadedData:
+        p: ImageFolderParams = self.params
+        ds = self.name
+        check_folder(p.path, "root", ds)
+        classes, ignored_folders = class_folders(p.path, p.classes, ds)
+        per_class: list[list[str]] = []
+        ignored_files = 0
+        sensitive: set[str] = set()
+        for cls in classes:
+            folder = p.path / cls
+            names = sorted(list_files(folder, IMAGE_SUFFIXES))
+            if not names:
+                raise DataError(f"{ds}: class folder {cls!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            ignored_files += sum(1 for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")) - len(names)
+            per_class.append([f"{cls}/{name}" for name in names])
+            for name in names:
+                sensitive |= file_name_values(name)
+
+        cases: list[tuple[int, str]] = []  # (label, class/file), taken in turn from each class
+        total = sum(len(files) for files in per_class)
+        limit = total if p.max_cases is None else min(p.max_cases, total)
+        for i in range(max(len(files) for files in per_class)):
+            for label, files in enumerate(per_class):
+                if i < len(files) and len(cases) < limit:
+                    cases.append((label, files[i]))
+        if p.max_cases is None:
+            cases.sort()  # class by class, by file name
+
+        images, hashes, stored = _read_images(p.path, [rel for _, rel in cases], p, ds)
+        labels = torch.tensor([label for label, _ in cases], dtype=torch.long)
+        key = pseudonym_key(h for _, h in hashes)
+        sensitive = drop_public(sensitive, classes)
+        extra = []
+        if len(cases) < total:
+            extra.append(f"{len(cases)} of {total} images (max_cases)")
+        if ignored_files:
+            extra.append(f"{ignored_files} non-image files ignored")
+        if ignored_folders:
+            extra.append(f"{ignored_folders} subfolders not in classes ignored")
+        return LoadedData(
+            images=images,
+            labels=labels,
+            case_ids=[pseudonym(key, rel) for _, rel in cases],
+            class_names=list(classes),
+            fingerprint=fingerprint_of(hashes, p.model_dump(mode="json", exclude={"path"})),
+            description=_describe(ds, classes, labels, images, stored, p.size, extra, sensitive),
+            sensitive_values=frozenset(sensitive),
+        )
+
+
+@hookimpl
+def register_datasets(register):
+    register(ImageCsv)
+    register(ImageFolder)
