@@ -401,3 +401,34 @@ def test_force_replaces_an_earlier_run_only_once_model_and_data_load(write_spec,
     results = json.loads((run_dir / "results.json").read_text())
     assert results["verdict"] == "PASS" and [e["event"] for e in results["timeline"]][:1] == ["start"]
     assert run_cli(spec, "--run-dir", str(tmp_path / "new"), "--resume", str(run_dir)).exit_code == ExitCode.USAGE_ERROR
+
+
+class FixedSizeModel(medaudit.core.components.ModelLoader):
+    """A classifier that only takes 64 x 64 inputs (like an ONNX graph with a fixed size)."""
+
+    name = "fixed-size"
+    Params = Params
+
+    def load(self, task):
+        from medaudit.core.components import Access, LoadedModel
+
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 64, 2))
+        return LoadedModel(net.eval(), task, 2, 1, frozenset(Access), "fixed")
+
+
+class FixedSizePlugin:
+    @medaudit.hookimpl
+    def register_models(self, register):
+        register(FixedSizeModel)
+
+
+def test_a_model_that_cannot_take_the_data_fails_before_the_run_dir_exists(write_spec, tmp_path):
+    from medaudit.core.errors import DataError
+
+    host = get_host(load_entry_points=False, extra_plugins=[("fixed", FixedSizePlugin())])
+    out = tmp_path / "out"
+    data = "data:\n  dataset: phantom\n  params: {n: 8, size: 32, seed: 0}"
+    spec = load_spec(write_spec(model="model:\n  loader: fixed-size", data=data, runtime=f"runtime:\n  output_dir: {out}"), host)
+    with pytest.raises(DataError, match=r"the model cannot run on the data \(case \S+, input of shape \(1, 1, 32, 32\)\)"):
+        Runner(spec, host, show_progress=False).run()
+    assert not out.exists()

@@ -115,6 +115,26 @@ def check_data_fits(data: LoadedData, model: LoadedModel, task: Task) -> None:
         raise DataError(f"case {data.case_ids[i]}: label {value} is outside the model's {limit} classes")
 
 
+def check_model_runs(model: LoadedModel, data: LoadedData, task: Task, device: torch.device) -> None:
+    """Run the model on the first case before any job: an input shape the model cannot take
+    (e.g. an ONNX graph with a fixed size) or outputs of the wrong shape fail here, before
+    the run directory exists."""
+    x = data.images[:1].to(device)
+    try:
+        with torch.no_grad():
+            out = model.module(x)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(
+            f"the model cannot run on the data (case {data.case_ids[0]}, input of shape {tuple(x.shape)}): "
+            f"{type(exc).__name__}: {first}"
+        ) from None
+    expected = (1, model.num_classes) + (tuple(x.shape[2:]) if task is Task.SEGMENTATION else ())
+    if tuple(out.shape) != expected:
+        raise DataError(f"the model gives outputs of shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; "
+                        f"expected {expected} ({model.num_classes} classes)")
+
+
 def check_dims(spec: Spec, host: Host, data: LoadedData) -> None:
     """Refuse components that do not handle the data's dimensionality (2D images, 3D volumes)."""
     dims = data.images.dim() - 2
@@ -162,6 +182,7 @@ class Runner:
         check_dims(spec, self.host, self.data)
         check_model_access(spec, self.host, self.model)
         self.model.module.to(self.device)
+        check_model_runs(self.model, self.data, spec.task, self.device)
         self.models = {NO_DEFENSE: self.model}
         self.context = context = AttackContext(
             data=self.data, load_dataset=self._load_dataset, device=self.device, task=spec.task,
