@@ -174,10 +174,8 @@ class Runner:
             torch.set_num_threads(spec.runtime.num_threads)
         self.device = select_device(spec.runtime.device)
         torch.manual_seed(spec.runtime.seed)
-        dataset_cls = self.host.get("dataset", spec.data.dataset)
-        self.data = dataset_cls(dataset_cls.Params.model_validate(spec.data.params)).load()
-        loader_cls = self.host.get("model", spec.model.loader)
-        self.model = loader_cls(loader_cls.Params.model_validate(spec.model.params)).load(spec.task)
+        self.data = self._component("dataset", spec.data.dataset, spec.data.params).load()
+        self.model = self._component("model", spec.model.loader, spec.model.params).load(spec.task)
         check_data_fits(self.data, self.model, spec.task)
         check_dims(spec, self.host, self.data)
         check_model_access(spec, self.host, self.model)
@@ -196,8 +194,7 @@ class Runner:
         self._apply_speed_switches()
         self.attacks: dict[str, Attack] = {}
         for i, ref in enumerate(spec.attacks):
-            cls = self.host.get("attack", ref.name)
-            self.attacks[ref.label] = attack = cls(cls.Params.model_validate(ref.params))
+            self.attacks[ref.label] = attack = self._component("attack", ref.name, ref.params)
             try:
                 attack.prepare(context)
             except ValueError as exc:
@@ -225,13 +222,17 @@ class Runner:
                 adaptive = prepare_for_audit(SpeedWrapper(adaptive, dtype, runtime.channels_last))
             self.models[label] = dataclasses.replace(loaded, module=prepare_for_audit(wrapped), adaptive_module=adaptive)
 
+    def _component(self, kind: str, name: str, params: dict[str, Any], error: type[Exception] = ValueError):
+        """A registered component built from validated params; an unknown name raises ``error``."""
+        try:
+            cls = self.host.get(kind, name)
+        except KeyError as exc:
+            raise error(exc.args[0]) from None
+        return cls(cls.Params.model_validate(params))
+
     def _apply_defense(self, name: str, params: dict[str, Any]) -> LoadedModel:
         """The audited model behind a defense, on the run's device (ValueError: bad config)."""
-        try:
-            cls = self.host.get("defense", name)
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
-        defense = cls(cls.Params.model_validate(params))
+        defense = self._component("defense", name, params)
         defense.prepare(self.context)
         defended = defense.apply(self.model, self.data)
         for module in (defended.module, defended.adaptive_module, defended.detector):
@@ -240,21 +241,13 @@ class Runner:
         return defended
 
     def _load_model(self, loader: str, params: dict[str, Any]) -> LoadedModel:
-        """Another model (e.g. an ensemble member), checked like the audited one."""
-        try:
-            cls = self.host.get("model", loader)
-        except KeyError as exc:
-            raise ValueError(exc.args[0]) from None
-        loaded = cls(cls.Params.model_validate(params)).load(self.spec.task)
+        """Another model (e.g. an ensemble member), on the run's device."""
+        loaded = self._component("model", loader, params).load(self.spec.task)
         loaded.module.to(self.device)
         return loaded
 
     def _load_dataset(self, name: str, params: dict[str, Any]) -> LoadedData:
-        try:
-            cls = self.host.get("dataset", name)
-        except KeyError as exc:
-            raise DataError(exc.args[0]) from None
-        return cls(cls.Params.model_validate(params)).load()
+        return self._component("dataset", name, params, DataError).load()
 
     # -- running ------------------------------------------------------------------------
 

@@ -177,12 +177,13 @@ class SoftRoutedView(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routed
-        exact = r(x)
         if not x.requires_grad:
-            return exact
-        w = torch.sigmoid(r.scorer.excess(x))[:, None]
+            return r(x)
+        standard, robust, excess = r.standard(x), r.robust(x), r.scorer.excess(x)
+        exact = torch.where((excess > 0)[:, None], robust, standard)  # excess > 0: score above the threshold
+        w = torch.sigmoid(excess)[:, None]
         soft = torch.logsumexp(torch.stack([
-            torch.log1p(-w.clamp(max=1 - 1e-6)) + r.standard(x).log_softmax(1),
-            torch.log(w.clamp_min(1e-6)) + r.robust(x).log_softmax(1),
+            torch.log1p(-w.clamp(max=1 - 1e-6)) + standard.log_softmax(1),
+            torch.log(w.clamp_min(1e-6)) + robust.log_softmax(1),
         ]), 0)
         return _BPDA.apply(soft, exact.detach())

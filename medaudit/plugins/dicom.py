@@ -377,11 +377,23 @@ def read_pixels(ds, where: str, *, multi_frame: bool = False) -> tuple[np.ndarra
     }
 
 
-def check_window(value: tuple[float, float] | None) -> tuple[float, float] | None:
-    """Validator of a ``window`` param: [centre, width], finite, width > 0."""
-    if value is not None and not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[1] > 0):
-        raise ValueError("window must be two finite numbers [centre, width] with width > 0")
-    return value
+class DicomClassFolderParams(ClassFolderParams):
+    """Params shared by the DICOM datasets: class folders and the intensity window."""
+
+    window: tuple[float, float] | None = Field(
+        None,
+        description="Intensity window [centre, width] in the modality's units after Rescale Slope/Intercept (e.g. "
+        "[40, 400] for CT in HU), mapped to [0, 1] with clipping. Default: the file's Window Center/Width (the first "
+        "pair; for a series, its first slice's), else the image's own min and max.",
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _valid_window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        """[centre, width], finite, width > 0."""
+        if value is not None and not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[1] > 0):
+            raise ValueError("window must be two finite numbers [centre, width] with width > 0")
+        return value
 
 
 def is_dicom_candidate(path: Path) -> bool:
@@ -389,16 +401,10 @@ def is_dicom_candidate(path: Path) -> bool:
     return path.suffix.lower() == ".dcm" or (not path.suffix and has_dicom_prefix(path))
 
 
-class DicomFolderParams(ClassFolderParams):
+class DicomFolderParams(DicomClassFolderParams):
     path: Path = Field(
         description="Root folder with one subfolder per class, each holding single-frame DICOM files (*.dcm, or "
         "files without an extension that start with the DICOM prefix); not searched recursively."
-    )
-    window: tuple[float, float] | None = Field(
-        None,
-        description="Intensity window [centre, width] in the modality's units after Rescale Slope/Intercept (e.g. "
-        "[40, 400] for CT in HU), mapped to [0, 1] with clipping. Default: each file's Window Center/Width (the first "
-        "pair), else the image's own min and max.",
     )
     size: int | None = Field(
         None,
@@ -408,11 +414,6 @@ class DicomFolderParams(ClassFolderParams):
         "must have the same Rows and Columns.",
     )
     channels: Literal[1, 3] = Field(1, description="Channels of the output: 1, or 3 (the grey image repeated).")
-
-    @field_validator("window")
-    @classmethod
-    def _valid_window(cls, value):
-        return check_window(value)
 
 
 class DicomFolder(Dataset):

@@ -74,7 +74,7 @@ from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import drop_public, file_name_values, leaked_values, pseudonym, pseudonym_key
 from medaudit.plugins.dicom import (
-    check_window,
+    DicomClassFolderParams,
     functional_item,
     harvest,
     has_dicom_prefix,
@@ -86,7 +86,7 @@ from medaudit.plugins.dicom import (
     read_pixels,
     window_values,
 )
-from medaudit.plugins.image_folders import ClassFolderParams, check_folder, class_folders, fingerprint_of
+from medaudit.plugins.image_folders import check_folder, class_folders, fingerprint_of
 from medaudit.plugins.nifti import crop_or_pad
 
 #: Two slices closer than this (mm, along the normal) are at the same position.
@@ -95,16 +95,10 @@ SAME_POSITION_MM = 1e-3
 ORIENTATION_ATOL = 1e-3
 
 
-class DicomSeriesParams(ClassFolderParams):
+class DicomSeriesParams(DicomClassFolderParams):
     path: Path = Field(
         description="Root folder with one subfolder per class; each class folder is searched recursively for DICOM "
         "series (single-frame slices) and multi-frame DICOM files, each one case."
-    )
-    window: tuple[float, float] | None = Field(
-        None,
-        description="Intensity window [centre, width] in the modality's units after Rescale Slope/Intercept (e.g. "
-        "[40, 400] for CT in HU), mapped to [0, 1] with clipping. Default: the first slice's Window Center/Width, "
-        "else the volume's own min and max.",
     )
     shape: tuple[int, int, int] | None = Field(
         None,
@@ -118,11 +112,6 @@ class DicomSeriesParams(ClassFolderParams):
         description="Largest allowed difference between a gap between neighbouring slices and the median gap, as a "
         "fraction of the median; a larger one is reported as missing slices.",
     )
-
-    @field_validator("window")
-    @classmethod
-    def _valid_window(cls, value):
-        return check_window(value)
 
     @field_validator("shape")
     @classmethod

@@ -35,6 +35,7 @@ from medaudit.core.privacy import drop_public, file_name_values, leaked_values, 
 from medaudit.plugins.image_folders import (
     IMAGE_SUFFIXES,
     ClassFolderParams,
+    check_class_names,
     check_folder,
     class_folders,
     fingerprint_of,
@@ -60,17 +61,6 @@ def _size_field():
         description="Resize every image to size x size (bilinear, antialiased); none: all images must share one "
         "shape.",
     )
-
-
-def _class_list(value: list[str] | None) -> list[str] | None:
-    if value is not None:
-        if not value:
-            raise ValueError("classes must list at least one class")
-        if len(set(value)) != len(value):
-            raise ValueError("classes must be distinct")
-        if any(not name.strip() for name in value):
-            raise ValueError("class names must not be empty")
-    return value
 
 
 def _read_images(
@@ -160,7 +150,7 @@ class ImageCsvParams(Params):
     @field_validator("classes")
     @classmethod
     def _classes(cls, value: list[str] | None) -> list[str] | None:
-        return _class_list(value)
+        return check_class_names(value)
 
 
 def _csv_rows(p: ImageCsvParams, dataset: str) -> list[tuple[int, str, str]]:

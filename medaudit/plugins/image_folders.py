@@ -122,6 +122,18 @@ def mask_class_names(max_label: int, class_names: list[str] | None, dataset: str
     return list(class_names)
 
 
+def check_class_names(value: list[str] | None) -> list[str] | None:
+    """Validator of a ``classes`` param: at least one name, distinct, none blank."""
+    if value is not None:
+        if not value:
+            raise ValueError("classes must list at least one class")
+        if len(set(value)) != len(value):
+            raise ValueError("classes must be distinct")
+        if any(not name.strip() for name in value):
+            raise ValueError("class names must not be empty")
+    return value
+
+
 class ClassFolderParams(Params):
     """Params of the datasets that read one subfolder per class: ``path`` and ``classes``."""
 
@@ -141,14 +153,9 @@ class ClassFolderParams(Params):
     @classmethod
     def _plain_names(cls, value: list[str] | None) -> list[str] | None:
         """Distinct plain folder names."""
-        if value is not None:
-            if not value:
-                raise ValueError("classes must list at least one class folder")
-            if len(set(value)) != len(value):
-                raise ValueError("classes must be distinct")
-            for name in value:
-                if not name or name in (".", "..") or "/" in name or "\\" in name:
-                    raise ValueError(f"class {name!r} is not a folder name")
+        for name in check_class_names(value) or []:
+            if name in (".", "..") or "/" in name or "\\" in name:
+                raise ValueError(f"class {name!r} is not a folder name")
         return value
 
 

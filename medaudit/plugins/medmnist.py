@@ -35,7 +35,7 @@ from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_
 from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import pseudonym, pseudonym_key
-from medaudit.plugins.image_folders import fingerprint_of
+from medaudit.plugins.image_folders import check_class_names, fingerprint_of
 
 SPLITS = ("train", "val", "test")
 
@@ -58,12 +58,7 @@ class MedMnistParams(Params):
     @field_validator("classes")
     @classmethod
     def _distinct(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("classes must list at least one class")
-            if len(set(value)) != len(value):
-                raise ValueError("classes must be distinct")
-        return value
+        return check_class_names(value)
 
 
 def _array(npz, key: str, name: str, dataset: str) -> np.ndarray:
