@@ -1,10 +1,17 @@
-"""The ``medaudit`` command line."""
+"""The ``medaudit`` command line.
+
+Exit codes (``ExitCode``) follow pytest's: 2 is an interrupted run (Ctrl-C, SIGTERM, SIGHUP),
+resumable; 4 a usage error, click's own included (an unknown option, a missing argument, a
+``--run-dir`` that names a file), which click would otherwise give 2.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
+import signal
 import sys
 import traceback
 from functools import wraps
@@ -13,7 +20,8 @@ from pathlib import Path
 import click
 
 from medaudit import __version__
-from medaudit.core.errors import ExitCode, MedauditError
+from medaudit.core.errors import ExitCode, MedauditError, Terminated
+from medaudit.core.text import printable
 
 STARTER_SPEC = Path(__file__).parent / "audits" / "starter.yaml"
 
@@ -23,7 +31,8 @@ def _host():
 
     host = get_host()
     for failed in host.failed:
-        click.secho(f"warning: plugin {failed.name!r} ({failed.distribution}) failed to load and was skipped: {failed.error}", fg="yellow", err=True)
+        click.secho(printable(f"warning: plugin {failed.name!r} ({failed.distribution}) failed to load and was skipped: {failed.error}"),
+                    fg="yellow", err=True)
     return host
 
 
@@ -35,10 +44,10 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except MedauditError as exc:
-            click.secho(f"Error: {exc}", fg="red", err=True)
+            click.secho(f"Error: {printable(str(exc))}", fg="red", err=True)
             sys.exit(int(exc.exit_code))
-        except KeyboardInterrupt:
-            click.secho("Interrupted.", fg="red", err=True)
+        except KeyboardInterrupt as exc:
+            click.secho(f"Interrupted ({exc.signal_name})." if isinstance(exc, Terminated) else "Interrupted.", fg="red", err=True)
             sys.exit(int(ExitCode.INTERRUPTED))
         except click.exceptions.Exit:
             raise
@@ -50,20 +59,65 @@ def handle_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM (what CI systems and schedulers send) and SIGHUP stop the block the way Ctrl-C
+    does, as a :class:`Terminated` ``KeyboardInterrupt``; the previous handlers come back after."""
+    def stop(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Group(click.Group):
+    """Click's usage errors exit 4 (``ExitCode.USAGE_ERROR``): click's own 2 means "interrupted" here."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_error_code():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_error_code():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_error_code():
+    try:
+        yield
+    except click.UsageError as exc:
+        exc.exit_code = int(ExitCode.USAGE_ERROR)
+        raise
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="medaudit")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
     """Audit the adversarial robustness of medical image models.
 
-    Exit codes of `run`: 0 PASS, 1 FAIL, 2 interrupted (resumable), 3 internal error,
-    4 bad spec or input, 5 nothing to evaluate (no criteria or no cases), 6 INCONCLUSIVE,
+    Exit codes of `run`: 0 PASS, 1 FAIL, 2 interrupted (Ctrl-C, SIGTERM; resumable), 3 internal
+    error, 4 bad command line, spec or input, or an output folder that is read-only or full,
+    5 nothing to evaluate (no criteria or no cases), 6 INCONCLUSIVE,
     7 INVALID (a gating validity check failed).
     """
     from rich.logging import RichHandler
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False, show_time=False)])
+    handler = RichHandler(show_path=False, show_time=False)
+    handler.addFilter(printable_log_record)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
+
+
+def printable_log_record(record: logging.LogRecord) -> bool:
+    """Log lines carry paths and plugin text: escape control characters before the terminal sees them."""
+    record.msg, record.args = printable(record.getMessage()), None
+    return True
 
 
 @cli.command()
@@ -81,6 +135,7 @@ def run(
     device: str | None, quiet: bool,
 ) -> None:
     """Run the audit described by SPEC and write its report."""
+    from medaudit.audits.plan import check_model_access
     from medaudit.audits.runner import Runner
     from medaudit.audits.spec import load_spec
     from medaudit.core.environment import require_torchvision
@@ -96,18 +151,24 @@ def run(
     require_torchvision()
     host = _host()
     spec = load_spec(spec_path, host)
+    check_model_access(spec, host)  # what the loader declares; refused before anything loads
     overrides = {k: v for k, v in {"output_dir": output_dir, "device": device}.items() if v is not None}
     if overrides:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=overrides)})
     command = shlex.join(["medaudit", *sys.argv[1:]])
-    outcome = Runner(spec, host, show_progress=not quiet, command=command).run(resume_dir, run_dir=run_dir, force=force)
+    with signals_interrupt():
+        outcome = Runner(spec, host, show_progress=not quiet, command=command).run(resume_dir, run_dir=run_dir, force=force)
     results = outcome.results
     for c in results["acceptance"]["criteria"]:
-        click.echo(f"  {c['id']}: {c['verdict']}  ({c['metric']} {c['statistic'].replace('_', ' ')} {c['op']} {c['threshold']})")
+        advisory = " (advisory: does not change the verdict)" if c["severity"] == "advisory" else ""
+        click.echo(printable(
+            f"  {c['id']}: {c['verdict']}{advisory}  ({c['metric']} {c['statistic'].replace('_', ' ')} {c['op']} {c['threshold']})",
+            one_line=True,
+        ))
     colour = {"PASS": "green", "FAIL": "red"}.get(results["verdict"], "yellow")
     click.secho(f"verdict: {results['verdict']} (exit code {outcome.exit_code})", fg=colour, bold=True)
     report = outcome.run_dir / "report.html"
-    click.echo(f"report: {report if report.exists() else outcome.run_dir / 'results.json'}")
+    click.echo(printable(f"report: {report if report.exists() else outcome.run_dir / 'results.json'}"))
     sys.exit(outcome.exit_code)
 
 
@@ -115,13 +176,15 @@ def run(
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
 @handle_errors
 def validate(spec_path: Path) -> None:
-    """Check SPEC (structure and every plugin's params) without running anything."""
-    from medaudit.audits.plan import plan_jobs
+    """Check SPEC without running anything: structure, every plugin's params, that input
+    paths exist, and that the model gives what the attacks need (when its loader says)."""
+    from medaudit.audits.plan import check_model_access, plan_jobs
     from medaudit.audits.spec import load_spec
 
     host = _host()
     spec = load_spec(spec_path, host)
-    click.echo(f"{spec_path}: valid; {len(plan_jobs(spec, host))} jobs planned")
+    check_model_access(spec, host)
+    click.echo(printable(f"{spec_path}: valid; {len(plan_jobs(spec, host))} jobs planned"))
     if "pdf" in spec.report.formats:
         from medaudit.reports.pdf import find_chromium
 
@@ -174,8 +237,11 @@ def init(path: Path, force: bool) -> None:
     """Write a commented starter spec to PATH (default audit.yaml)."""
     if path.exists() and not force:
         raise MedauditError(f"{path} exists; use --force to overwrite it")
-    path.write_text(STARTER_SPEC.read_text(encoding="utf-8"), encoding="utf-8")
-    click.echo(f"wrote {path}; check it with: medaudit validate {path}")
+    try:
+        path.write_text(STARTER_SPEC.read_text(encoding="utf-8"), encoding="utf-8")
+    except OSError as exc:
+        raise MedauditError(f"{path}: cannot write ({exc.strerror}); name a file in an existing, writable folder") from None
+    click.echo(printable(f"wrote {path}; check it with: medaudit validate {path}"))
 
 
 @cli.command()

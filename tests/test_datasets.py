@@ -89,8 +89,8 @@ def test_image_csv_values_labels_and_pseudonyms(data_host, csv_set):
     assert "1 x 8 x 8 (grayscale)" in data.description and "stored H x W 8 x 8 (4)" in data.description
     assert no_stem_parts(" ".join(data.case_ids) + data.description)
     for stem in STEMS:
-        assert {stem, f"{stem}.png"} <= data.sensitive_values
-    assert not {"nodule", "normal"} & data.sensitive_values
+        assert {stem, f"{stem}.png"} <= data.sensitive_values.keys()
+    assert not {"nodule", "normal"} & data.sensitive_values.keys()
     # the run's guard would refuse an output naming a file
     assert leaked_values(f"worst case: {STEMS[0]}", data.sensitive_values)
     assert not leaked_values(data.description, data.sensitive_values)
@@ -136,7 +136,7 @@ def test_image_csv_16_bit_float_subfolders_max_cases_and_unlisted(data_host, tmp
     assert data.images[0, 0, 0, 0].item() == 1.0 and data.images[0, 0, 1, 1].item() == pytest.approx(1000 / 65535)
     assert torch.all(data.images[1] == 0.25)
     assert "1 images without a row in the CSV ignored" in data.description
-    assert {"batch-2/b.tif", "batch-2", "b.tif", "c.bmp"} <= data.sensitive_values
+    assert {"batch-2/b.tif", "batch-2", "b.tif", "c.bmp"} <= data.sensitive_values.keys()
     one = load_csv(data_host, tmp_path, ignore_unlisted=True, max_cases=1, **params)
     assert one.images.shape == (1, 1, 4, 4) and one.class_names == ["x", "y"]
     assert "first 1 of 2 listed images" in one.description
@@ -241,7 +241,7 @@ def test_image_folder_class_name_equal_to_a_file_stem_is_not_secret(data_host, t
     # the stem is part of a class name the report shows anyway; the file name stays guarded
     assert "benign" not in data.sensitive_values and "benign.png" in data.sensitive_values
     assert not leaked_values("class benign: 1 case", data.sensitive_values)
-    assert {"case-0007", "case-0007.png"} <= data.sensitive_values
+    assert {"case-0007", "case-0007.png"} <= data.sensitive_values.keys()
 
 
 def test_image_folder_errors(data_host, class_tree):
@@ -291,7 +291,7 @@ def test_medmnist_gray_rgb_and_3d(data_host, tmp_path):
     assert all(c.startswith("case-") for c in data.case_ids) and len(set(data.case_ids)) == 4
     assert "4 test images in 5 classes" in data.description and "split sizes train 6, val 2, test 4" in data.description
     assert "1 x 28 x 28 (greyscale 2D, C x H x W)" in data.description
-    assert data.sensitive_values == frozenset()
+    assert data.sensitive_values == {}
 
     train = load(data_host, "medmnist", tmp_path, path="gray.npz", split="train", max_cases=3,
                  classes=["a", "b", "c", "d", "e"])
@@ -415,7 +415,7 @@ def test_image_mask_folder_flags_file_names(data_host, tmp_path):
     data = load(data_host, "image-mask-folder", tmp_path, images="img", masks="msk",
                 class_names=["background", "lesion"])
     for stem in STEMS[:2]:
-        assert {stem, f"{stem}.jpg", f"{stem}.png"} <= data.sensitive_values
+        assert {stem, f"{stem}.jpg", f"{stem}.png"} <= data.sensitive_values.keys()
     assert "lesion" not in data.sensitive_values and "lesion.png" in data.sensitive_values  # stem = a class name
     assert not leaked_values(data.description + " ".join(data.case_ids), data.sensitive_values)
 
@@ -433,6 +433,6 @@ def test_nifti_flags_file_names_and_header_texts(data_host, tmp_path):
         nib.save(img, str(tmp_path / folder / f"{STEMS[0]}.nii.gz"))
     data = load(data_host, "nifti", tmp_path, images="vol", labels="lab")
     assert data.images.shape == (1, 1, 3, 5, 4) and data.images[0, 0, 0, 2, 1].item() == 1.0
-    assert {"Smith^John 1961-04-01", "MRN4471", STEMS[0], f"{STEMS[0]}.nii.gz"} <= data.sensitive_values
+    assert {"Smith^John 1961-04-01", "MRN4471", STEMS[0], f"{STEMS[0]}.nii.gz"} <= data.sensitive_values.keys()
     assert not any(not v.strip() for v in data.sensitive_values)
     assert not leaked_values(data.description + " ".join(data.case_ids), data.sensitive_values)

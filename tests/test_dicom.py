@@ -136,9 +136,10 @@ def test_mr_small_uses_the_files_own_window(tmp_path):
     assert data.images.shape == (1, 1, 64, 64)
     stored, slope, intercept, ds = _stored_and_header("MR_small.dcm")
     assert (float(ds.WindowCenter), float(ds.WindowWidth), slope, intercept) == (600, 1600, 1.0, 0.0)
-    # pixel (0, 0): stored 905, window [600 - 800, 600 + 800] -> (905 + 200) / 1600
+    # pixel (0, 0): stored 905; the file's window has no VOI LUT Function, so LINEAR (PS3.3
+    # C.11.2.1.2.1): (x - (c - 0.5)) / (w - 1) + 0.5
     assert stored[0, 0] == 905
-    assert data.images[0, 0, 0, 0].item() == pytest.approx(1105 / 1600, abs=1e-6)
+    assert data.images[0, 0, 0, 0].item() == pytest.approx((905 - 599.5) / 1599 + 0.5, abs=1e-6)
     assert "1 non-DICOM files ignored" in data.description
 
 
@@ -168,7 +169,7 @@ def test_patient_data_is_sensitive_and_never_in_ids_or_description(tmp_path):
                   "secret-private-note", f"{FILE_STEM}.dcm", FILE_STEM, f"{PATIENT_NAME}.dcm"):
         assert value in sensitive, value
     assert "Doe" not in sensitive  # shorter than 4 characters: too common to match on
-    assert not {"normal", "nodule", "CT", "MONOCHROME2"} & sensitive  # class names and coded strings
+    assert not {"normal", "nodule", "CT", "MONOCHROME2"} & sensitive.keys()  # class names and coded strings
     text = " ".join(data.case_ids) + " " + data.description + " " + data.fingerprint
     assert_private(text)
     assert not any(v in text for v in sensitive)
@@ -198,7 +199,9 @@ def test_monochrome1_is_inverted_and_class_names_are_not_secret(tmp_path):
     ds.StudyDescription = "nodule follow-up"
     ds.save_as(path, enforce_file_format=True)
     data = load(tmp_path)
-    np.testing.assert_allclose(data.images[0, 0].numpy(), 1 - pixels / 2000, atol=1e-6)
+    # the file's window is LINEAR (PS3.3 C.11.2.1.2.1): (x - (c - 0.5)) / (w - 1) + 0.5, clipped
+    linear = np.clip((pixels - 999.5) / 1999 + 0.5, 0, 1)
+    np.testing.assert_allclose(data.images[0, 0].numpy(), 1 - linear, atol=1e-6)
     assert "nodule follow-up" in data.sensitive_values and "nodule" not in data.sensitive_values
 
 
@@ -541,7 +544,7 @@ def test_series_patient_data_is_sensitive_and_never_in_outputs(tmp_path):
     for value in (PATIENT_NAME, PATIENT_ID, "19700101", "secret-private-note", f"{FILE_STEM}_0.dcm",
                   "Doe_Jane_1970", uid):
         assert value in data.sensitive_values, value
-    assert not {"nodule", "CT"} & data.sensitive_values
+    assert not {"nodule", "CT"} & data.sensitive_values.keys()
     text = " ".join(data.case_ids) + " " + data.description + " " + data.fingerprint
     assert_private(text)
     assert not any(v in text for v in data.sensitive_values)

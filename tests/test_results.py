@@ -6,6 +6,7 @@ import pytest
 
 from medaudit.audits.results import judge, wilson_interval, worst_case_records
 from medaudit.audits.spec import Criterion
+from medaudit.core.components import Norm
 
 
 def test_wilson_interval_matches_reference_values():
@@ -35,12 +36,12 @@ VALUE = {"value": 0.8, "n": 10, "successes": 8, "ci_low": 0.4902, "ci_high": 0.9
     ],
 )
 def test_judge(kw, verdict, compared):
-    out = judge(crit(**kw), VALUE)
+    out = judge(crit(**kw), VALUE, Norm.LINF)
     assert out["verdict"] == verdict and out["compared"] == compared
 
 
 def test_judge_without_value_is_inconclusive():
-    assert judge(crit(op=">=", threshold=0.5), None)["verdict"] == "INCONCLUSIVE"
+    assert judge(crit(op=">=", threshold=0.5), None, Norm.LINF)["verdict"] == "INCONCLUSIVE"
 
 
 def test_worst_case_needs_every_attack_to_fail():

@@ -199,7 +199,7 @@ def test_nifti_axis_order_window_spacing(seg_host, tmp_path):
     vol[7, 9, 5] = 25.0
     write_nii(tmp_path / "vol" / "smith-john.nii.gz", vol, zooms=(0.5, 0.7, 2.0))
     write_nii(tmp_path / "lab" / "smith-john.nii", labelmap(), zooms=(0.5, 0.7, 2.0))
-    data = load3d(seg_host, tmp_path, window=[0, 100])
+    data = load3d(seg_host, tmp_path, intensity_range=[0, 100])
     assert data.images.shape == (1, 1, 6, 10, 8) and data.images.dtype == torch.float32
     assert data.masks.shape == (1, 6, 10, 8) and data.masks.dtype == torch.int64
     # (X, Y, Z) -> (D, H, W) = (Z, Y, X)
@@ -214,8 +214,8 @@ def test_nifti_axis_order_window_spacing(seg_host, tmp_path):
     assert data.labels.tolist() == [0]
     assert data.case_ids != [pseudonym(data.fingerprint, "smith-john.nii.gz")]
     assert not any(s in data.case_ids[0] + data.description for s in ("smith", "john"))
-    assert load3d(seg_host, tmp_path, window=[0, 100]).fingerprint == data.fingerprint
-    assert load3d(seg_host, tmp_path, window=[0, 200]).fingerprint != data.fingerprint
+    assert load3d(seg_host, tmp_path, intensity_range=[0, 100]).fingerprint == data.fingerprint
+    assert load3d(seg_host, tmp_path, intensity_range=[0, 200]).fingerprint != data.fingerprint
 
 
 def test_nifti_default_window_crop_pad_and_mixed_spacing(seg_host, tmp_path):
@@ -228,8 +228,8 @@ def test_nifti_default_window_crop_pad_and_mixed_spacing(seg_host, tmp_path):
     assert data.images[0, 0, 2, 3, 1].item() == 1.0  # D cropped by 1, H padded by 1
     assert data.images[0, 0, 0, 1, 0].item() == 0.0 and data.images[0, 0, 0, 0, 0].item() == 0.0  # padding
     assert data.masks[0, 2, 3, 1] == 2 and data.masks[:, :, 0].sum() == 0
-    assert data.spacing == (1.0, 1.0, 1.0)
-    assert "of the first case; spacing differs" in data.description
+    assert data.spacing is None and data.case_spacings == [(1.0, 1.0, 1.0), (3.0, 1.0, 1.0)]
+    assert "spacing differs between cases" in data.description
     assert data.mask_class_names == ["bg", "organ", "tumour"]
     assert len(set(data.case_ids)) == 2
 

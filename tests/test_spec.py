@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from medaudit.audits.spec import epsilon_label, load_spec, parse_epsilon
 from medaudit.cli import cli
+from medaudit.core.components import Norm
 from medaudit.core.errors import ExitCode, SpecError
 
 
@@ -33,7 +34,8 @@ def test_parse_epsilon(text, expected):
 
 
 def test_epsilon_label_reads_in_grey_levels():
-    assert [epsilon_label(e) for e in (0, 1 / 255, 0.5 / 255, 8 / 255, 0.001)] == ["0", "1/255", "0.5/255", "8/255", "0.001"]
+    labels = [epsilon_label(e, Norm.LINF) for e in (0, 1 / 255, 0.5 / 255, 8 / 255, 0.001)]
+    assert labels == ["0", "1/255", "0.5/255", "8/255", "0.001"]
 
 
 def test_unknown_key_names_field_and_line(write_spec, host):
@@ -53,7 +55,7 @@ def test_unknown_attack_suggests_closest(write_spec, host):
 def test_epsilon_out_of_range(write_spec, host):
     path = write_spec(threat_model="threat_model:\n  epsilons: [0, 2]")
     [problem] = errors_of(path, host)
-    assert "threat_model.epsilons[1]" in problem and "less than or equal to 1" in problem
+    assert "threat_model.epsilons" in problem and "2 is not at most 1: an L-inf budget" in problem
 
 
 def test_missing_checkpoint_file(write_spec, host, tmp_path):

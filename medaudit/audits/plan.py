@@ -42,10 +42,15 @@ class Job:
     def is_clean(self) -> bool:
         return self.attack == CLEAN
 
+    @property
+    def epsilon_label(self) -> str:
+        """The budget as :func:`epsilon_label` writes it in the job's norm (a clean job's is 0)."""
+        return "0" if self.is_clean else epsilon_label(self.epsilon, self.config["norm"])
+
     def title(self) -> str:
         if self.is_clean:
             return f"{self.defense}: clean"
-        return f"{self.defense}: {self.attack} eps={epsilon_label(self.epsilon)}"
+        return f"{self.defense}: {self.attack} eps={self.epsilon_label}"
 
 
 def _job_id(slug: str, config: dict) -> str:
@@ -84,22 +89,31 @@ def plan_jobs(spec: Spec, host: Host) -> list[Job]:
     return jobs
 
 
-def check_model_access(spec: Spec, host: Host, model: LoadedModel) -> None:
-    """Refuse attacks that need more from the model than it gives (e.g. gradients of ONNX)."""
+def check_model_access(spec: Spec, host: Host, model: LoadedModel | None = None) -> None:
+    """Refuse attacks that need more from the model than it gives (e.g. gradients of ONNX).
+    Without ``model``, checks the access its loader declares (``ModelLoader.access``), so
+    that ``validate`` refuses before anything loads; a loader that declares none passes."""
+    if model is None:
+        loader = host.get("model", spec.model.loader)
+        if loader.access is None:
+            return
+        access, reason = loader.access, loader.access_reason
+    else:
+        access, reason = model.access, model.access_reason
     problems = []
     for i, ref in enumerate(spec.attacks):
         cls = host.get("attack", ref.name)
-        if cls.needs not in model.access:
-            offered = ", ".join(sorted(a.value for a in model.access)) or "nothing"
+        if cls.needs not in access:
+            offered = ", ".join(sorted(a.value for a in access)) or "nothing"
             hint = ""
-            if Access.GRADIENTS not in model.access:
-                usable = sorted(name for name, a in host.components["attack"].items() if a.needs in model.access
+            if Access.GRADIENTS not in access:
+                usable = sorted(name for name, a in host.components["attack"].items() if a.needs in access
                                 and spec.task in a.tasks and spec.threat_model.norm in a.norms)
                 hint = "; use a score- or decision-based attack" + (
                     f": {', '.join(usable)}" if usable else f" (none is registered for this task and the {spec.threat_model.norm.value} norm)")
             problems.append(
                 f"attacks[{i}]: attack {ref.label!r} needs {cls.needs.value} but the model gives {offered}"
-                + (f" ({model.access_reason})" if model.access_reason else "") + hint
+                + (f" ({reason})" if reason else "") + hint
             )
     if problems:
         raise SpecError(problems, source="plan")

@@ -14,11 +14,14 @@ from typing import Iterable
 
 import torch
 
+from medaudit.audits.rundir import atomic_file
 from medaudit.core.segmentation import dice_per_class, hd95_per_class, iou_per_class, pixel_accuracy
 
 #: Fields of a classification record. Minimum-norm attacks add ``min_norm``: the size of
 #: the smallest fooling perturbation found for the sample (None when none was found).
-FIELDS = ("case", "label", "clean_pred", "adv_pred", "attacked", "linf", "l2", "in_range")
+#: ``clean_finite``/``adv_finite`` (in segmentation records too) say whether every output of
+#: the model was finite (no NaN or Inf) on the clean input and on the input under attack.
+FIELDS = ("case", "label", "clean_pred", "adv_pred", "attacked", "linf", "l2", "in_range", "clean_finite", "adv_finite")
 #: Fields of a segmentation record: per-class lists (index = class) of Dice, IoU and HD95,
 #: clean and under attack, and per-case pixel accuracy. Targeted attacks add
 #: ``target_dice`` (per class, prediction vs the attacker's target), ``target_pixel_accuracy``,
@@ -26,7 +29,7 @@ FIELDS = ("case", "label", "clean_pred", "adv_pred", "attacked", "linf", "l2", "
 #: (the share of those the prediction takes the target's label on; None when there are none).
 DENSE_FIELDS = (
     "case", "attacked", "linf", "l2", "in_range", "clean_dice", "clean_iou", "clean_hd95", "clean_pixel_accuracy",
-    "adv_dice", "adv_iou", "adv_hd95", "adv_pixel_accuracy",
+    "adv_dice", "adv_iou", "adv_hd95", "adv_pixel_accuracy", "clean_finite", "adv_finite",
 )
 #: Cases whose images and predictions each job keeps for the report's example figures.
 EXAMPLE_CASES = 4
@@ -61,26 +64,37 @@ class RecordWriter:
         os.replace(self.partial, self.final)
 
     def discard(self) -> None:
-        self._file.close()
-        self.partial.unlink(missing_ok=True)
+        try:
+            self._file.close()  # flushes, and fails again on a full disk
+        finally:
+            self.partial.unlink(missing_ok=True)
 
 
 def read_records(run_dir: Path, job_id: str) -> list[dict]:
     """Records of a finished job; classification records get the derived
-    ``clean_correct``/``adv_correct`` flags. Behind a detector (records with
-    ``clean_rejected``/``adv_rejected``) a rejected clean input is an error, and an input
-    under attack survives if it is classified correctly or rejected."""
+    ``clean_correct``/``adv_correct`` flags. A case whose outputs were not finite is an
+    error, clean or under attack (records without the flags are from runs that had none).
+    Behind a detector (records with ``clean_rejected``/``adv_rejected``) a rejected clean
+    input is an error, and an input under attack survives if it is classified correctly or
+    rejected."""
     rows = []
     with open(record_path(run_dir, job_id), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if "label" in row:
-                row["clean_correct"] = row["clean_pred"] == row["label"] and not row.get("clean_rejected", False)
-                row["adv_correct"] = row["clean_correct"] and (
+                row["clean_correct"] = (
+                    row.get("clean_finite", True) and row["clean_pred"] == row["label"] and not row.get("clean_rejected", False)
+                )
+                row["adv_correct"] = row["clean_correct"] and row.get("adv_finite", True) and (
                     row["adv_pred"] == row["label"] or row.get("adv_rejected", False)
                 )
             rows.append(row)
     return rows
+
+
+def has_nonfinite_output(row: dict) -> bool:
+    """Did the model give a NaN or Inf output for this case, clean or under attack?"""
+    return not (row.get("clean_finite", True) and row.get("adv_finite", True))
 
 
 def dense_scores(
@@ -132,9 +146,8 @@ def save_examples(run_dir: Path, job_id: str, x, x_adv, truth, pred, target=None
         if truth.dim() == 4:
             index = torch.stack([_telling_slice(t) for t in truth[:k]])
             keep = {name: v[torch.arange(k), index] for name, v in keep.items()}
-    path = examples_path(run_dir, job_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({name: v.detach().cpu().clone() for name, v in keep.items()}, path)
+    with atomic_file(examples_path(run_dir, job_id), "wb") as f:
+        torch.save({name: v.detach().cpu().clone() for name, v in keep.items()}, f)
 
 
 def _telling_slice(truth: torch.Tensor) -> torch.Tensor:
@@ -159,9 +172,8 @@ def features_path(run_dir: Path, job_id: str) -> Path:
 def save_features(run_dir: Path, job_id: str, positions: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
     """Keep a classification job's penultimate features (float16, ``n x d``) with the data set
     positions and true labels of their cases."""
-    path = features_path(run_dir, job_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"position": positions.cpu().clone(), "features": features.cpu().clone(), "truth": labels.cpu().clone()}, path)
+    with atomic_file(features_path(run_dir, job_id), "wb") as f:
+        torch.save({"position": positions.cpu().clone(), "features": features.cpu().clone(), "truth": labels.cpu().clone()}, f)
 
 
 def load_features(run_dir: Path, job_id: str) -> dict[str, torch.Tensor] | None:

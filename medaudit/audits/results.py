@@ -13,9 +13,9 @@ from statistics import NormalDist, fmean
 from typing import Any
 
 from medaudit.audits.plan import ADAPTIVE_SUFFIX, Job
-from medaudit.audits.records import read_records
+from medaudit.audits.records import has_nonfinite_output, read_records
 from medaudit.audits.spec import NO_DEFENSE, WORST_CASE, Criterion, Spec, epsilon_label
-from medaudit.core.components import Metric, MetricValue
+from medaudit.core.components import Metric, MetricValue, Norm
 from medaudit.core.errors import ExitCode
 from medaudit.core.host import Host
 from medaudit.core.segmentation import case_mean
@@ -127,7 +127,7 @@ def compute_results(
     spec: Spec, host: Host, jobs: list[Job], run_dir: Path, class_names: list[str] | None = None
 ) -> dict[str, Any]:
     """Metrics per defense (clean) and per (defense, attack or worst case, epsilon)."""
-    confidence = spec.acceptance.confidence
+    confidence, norm = spec.acceptance.confidence, spec.threat_model.norm
     metrics: dict[str, Metric] = {name: host.get("metric", name)() for name in spec.metrics}
     clean_metrics = {n: m for n, m in metrics.items() if m.clean}
     attack_metrics = {n: m for n, m in metrics.items() if not m.clean}
@@ -145,9 +145,9 @@ def compute_results(
         for eps in spec.threat_model.epsilons:
             group = [j for j in jobs if j.defense == defense and not j.is_clean and j.epsilon == eps]
             for job in group:
-                rows.append(_row(defense, job.attack, eps, records[job.id], attack_metrics, confidence, class_names))
+                rows.append(_row(defense, job.attack, eps, norm, records[job.id], attack_metrics, confidence, class_names))
             merged = worst_case_records([records[j.id] for j in group])
-            rows.append(_row(defense, WORST_CASE, eps, merged, attack_metrics, confidence, class_names))
+            rows.append(_row(defense, WORST_CASE, eps, norm, merged, attack_metrics, confidence, class_names))
     curves = [
         robustness_curve(defense, job.attack, records[job.id])
         for defense in defenses
@@ -155,7 +155,21 @@ def compute_results(
         if job.defense == defense and not job.is_clean and job.epsilon == max(spec.threat_model.epsilons)
         and any("min_norm" in r for r in records[job.id])
     ]
-    return {"clean": clean, "rows": rows, "curves": curves, "records": records}
+    return {"clean": clean, "rows": rows, "curves": curves, "records": records, "nonfinite": nonfinite_cases(jobs, records)}
+
+
+def nonfinite_cases(jobs: list[Job], records: dict[str, list[dict]]) -> dict[tuple, int]:
+    """Cases with a NaN or Inf output per scope of a criterion: ``(defense,)`` for the clean
+    metrics, ``(defense, attack, epsilon)`` for an attack or the worst case; scopes without
+    any are left out."""
+    cases: dict[tuple, set] = {}
+    for job in jobs:
+        bad = {r["case"] for r in records[job.id] if has_nonfinite_output(r)}
+        if bad:
+            scopes = [(job.defense,)] if job.is_clean else [(job.defense, job.attack, job.epsilon), (job.defense, WORST_CASE, job.epsilon)]
+            for scope in scopes:
+                cases.setdefault(scope, set()).update(bad)
+    return {scope: len(found) for scope, found in cases.items()}
 
 
 def robustness_curve(defense: str, attack: str, records: list[dict], points: int = 11) -> dict:
@@ -176,14 +190,14 @@ def robustness_curve(defense: str, attack: str, records: list[dict], points: int
 
 
 def _row(
-    defense: str, attack: str, eps: float, records: list[dict], metrics: dict[str, Metric], confidence: float,
+    defense: str, attack: str, eps: float, norm: Norm, records: list[dict], metrics: dict[str, Metric], confidence: float,
     class_names: list[str] | None,
 ) -> dict:
     row = {
         "defense": defense,
         "attack": attack,
         "epsilon": eps,
-        "epsilon_label": epsilon_label(eps),
+        "epsilon_label": epsilon_label(eps, norm),
         "metrics": {n: _value(m.compute(records), confidence) for n, m in metrics.items()},
     }
     table = per_class_table(records, class_names or [])
@@ -223,9 +237,11 @@ def detection_summary(records: list[dict]) -> dict | None:
 
 def validity_checks(
     spec: Spec, host: Host, jobs: list[Job], records: dict[str, list[dict]], rows: list[dict],
-    gradient_health: dict[str, dict] | None = None,
+    gradient_health: dict[str, dict] | None = None, probe: dict[str, Any] | None = None,
 ) -> list[dict]:
-    """Checks that the numbers can support a claim. ``gating`` failures make the audit INVALID."""
+    """Checks that the numbers can support a claim. ``gating`` failures make the audit INVALID.
+    ``probe``: the runner's findings on the audited model (``deterministic``,
+    ``weights_unchanged``, ``randomized`` as the spec declares it, ``cases`` probed)."""
     norm_field = "linf" if spec.threat_model.norm.value == "linf" else "l2"
     worst_excess, out_of_range = 0.0, 0
     for job in jobs:
@@ -264,9 +280,50 @@ def validity_checks(
                 "evidence": "; ".join(bumps) if bumps else "non-increasing for every defense",
             }
         )
+    checks.append(outputs_check(jobs, records))
+    if probe is not None:
+        checks += model_checks(probe)
     if gradient_health:
         checks.append(gradient_check(gradient_health))
     return checks
+
+
+def outputs_check(jobs: list[Job], records: dict[str, list[dict]]) -> dict:
+    """Gating: a NaN or Inf output is no prediction (its argmax is arbitrary); such cases
+    count as errors, and a run that met any cannot support a claim."""
+    problems = [f"{job.title()}: {n} of {len(records[job.id])} cases" for job in jobs
+                if (n := sum(has_nonfinite_output(r) for r in records[job.id]))]
+    return {
+        "id": "outputs_finite", "title": "Model outputs are finite (no NaN or Inf)",
+        "status": FAIL if problems else PASS, "gating": True,
+        "evidence": "NaN or Inf outputs, counted as errors, in " + "; ".join(problems) if problems
+        else "every output of every job was finite",
+    }
+
+
+def model_checks(probe: dict[str, Any]) -> list[dict]:
+    """Gating: the audited model is one fixed function (Carlini et al. 2019). A model the
+    load-time probe finds non-deterministic stops the run unless the spec declares it
+    randomised; a randomised model needs attacks that average over its randomness (EOT),
+    which medaudit does not have yet, so its audit cannot support a claim."""
+    seen = (f"two forward passes on the first {probe['cases']} cases "
+            + ("gave identical outputs" if probe["deterministic"] else "gave different outputs"))
+    return [
+        {
+            "id": "model_deterministic", "title": "The model is deterministic",
+            "status": FAIL if probe["randomized"] else PASS, "gating": True,
+            "evidence": f"the spec declares a randomised model (model.randomized: true; {seen}): EOT is required, an "
+            "attack that averages its gradients over the model's randomness, and no attack in medaudit does yet"
+            if probe["randomized"] else seen,
+        },
+        {
+            "id": "weights_unchanged", "title": "The model's weights did not change during the audit",
+            "status": PASS if probe["weights_unchanged"] else FAIL, "gating": True,
+            "evidence": "the sha256 of the model's parameters and buffers after the last job is the one before the first"
+            if probe["weights_unchanged"] else "the model changed its own parameters or buffers during the jobs: the "
+            "numbers mix different models",
+        },
+    ]
 
 
 def _check(check_id: str, title: str, problems: list[str], ok: str, applicable: bool = True) -> dict:
@@ -288,7 +345,7 @@ def _attack_strength_checks(spec: Spec, host: Host, jobs: list[Job], rows: list[
     for (defense, attack, eps), v in value.items():
         if v is None or attack == WORST_CASE:
             continue
-        where = f"{defense}, eps {epsilon_label(eps)}"
+        where = f"{defense}, eps {epsilon_label(eps, spec.threat_model.norm)}"
         if names.get(attack) == "fgsm":  # against the iterative attacks of the same view (naive or adaptive)
             view = attack.endswith(ADAPTIVE_SUFFIX)
             iterative = [(a, value.get((defense, a, eps))) for a, n in names.items()
@@ -326,21 +383,26 @@ def _attack_strength_checks(spec: Spec, host: Host, jobs: list[Job], rows: list[
         checks.append(_check(
             "large_budget_breaks_model", "Robust accuracy falls towards 0 at large budgets",
             high if top >= LARGE_LINF else [],
-            f"worst-case robust accuracy at eps {epsilon_label(top)} is at most 0.1 for every model"
-            if top >= LARGE_LINF else f"the largest budget, {epsilon_label(top)}, is below {epsilon_label(LARGE_LINF)}",
+            f"worst-case robust accuracy at eps {epsilon_label(top, Norm.LINF)} is at most 0.1 for every model"
+            if top >= LARGE_LINF
+            else f"the largest budget, {epsilon_label(top, Norm.LINF)}, is below {epsilon_label(LARGE_LINF, Norm.LINF)}",
             applicable=top >= LARGE_LINF,
         ))
     return checks
 
 
 def gradient_check(gradient_health: dict[str, dict]) -> dict:
-    """AutoAttack's zero-gradient flag (methods.md 12, C8) on the first batch of each model."""
+    """AutoAttack's zero-gradient flag (methods.md 12, C8) on the first batch of each model:
+    all-zero gradients are a warning (masked gradients); non-finite ones fail the gate, since
+    a gradient attack then steps along NaN."""
     problems = [
         f"{label}: {h['zero']} of {h['n']} inputs with an all-zero gradient, {h['nonfinite']} non-finite"
         for label, h in gradient_health.items() if h["zero"] or h["nonfinite"]
     ]
-    return _check("gradients_usable", "Input gradients are finite and non-zero", problems,
-                  f"finite, non-zero input gradients for every model ({', '.join(gradient_health)})")
+    check = _check("gradients_usable", "Input gradients are finite and non-zero", problems,
+                   f"finite, non-zero input gradients for every model ({', '.join(gradient_health)})")
+    nonfinite = any(h["nonfinite"] for h in gradient_health.values())
+    return {**check, "status": FAIL if nonfinite else check["status"], "gating": True}
 
 
 # -- acceptance -----------------------------------------------------------------------
@@ -348,14 +410,14 @@ def gradient_check(gradient_health: dict[str, dict]) -> dict:
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-def judge(criterion: Criterion, value: dict | None) -> dict[str, Any]:
+def judge(criterion: Criterion, value: dict | None, norm: Norm) -> dict[str, Any]:
     """Verdict of one criterion on the confidence bound on the patient's side (by default)."""
     statistic = criterion.statistic
     if statistic == "auto":
         statistic = "lower_bound" if criterion.op in (">=", ">") else "upper_bound"
     out: dict[str, Any] = {**criterion.model_dump(mode="json"), "statistic": statistic, "estimate": None}
     if criterion.epsilon is not None:
-        out["epsilon_label"] = epsilon_label(criterion.epsilon)
+        out["epsilon_label"] = epsilon_label(criterion.epsilon, norm)
     if value is None:
         return {**out, "verdict": INCONCLUSIVE, "reason": "no value: no sample in scope"}
     if statistic != "point" and "ci_low" not in value:
@@ -369,17 +431,23 @@ def judge(criterion: Criterion, value: dict | None) -> dict[str, Any]:
 
 
 def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[dict]) -> dict[str, Any]:
+    """Judge each criterion and the audit. A criterion whose scope held a case with a NaN or
+    Inf output is INCONCLUSIVE: that case has no prediction to score."""
     judged = []
     for c in spec.acceptance.criteria:
         if host.get("metric", c.metric).clean:
             value = computed["clean"][c.defense].get(c.metric)
+            scope: tuple = (c.defense,)
         else:
             row = next(
                 r for r in computed["rows"]
                 if r["defense"] == c.defense and r["attack"] == c.attack and abs(r["epsilon"] - c.epsilon) < 1e-12
             )
             value = row["metrics"].get(c.metric)
-        judged.append(judge(c, value))
+            scope = (row["defense"], row["attack"], row["epsilon"])
+        judged.append(judge(c, value, spec.threat_model.norm))
+        if nonfinite := computed.get("nonfinite", {}).get(scope):
+            judged[-1].update(verdict=INCONCLUSIVE, reason=f"{nonfinite} case(s) in scope gave NaN or Inf outputs")
     blocking = [j["verdict"] for j in judged if j["severity"] == "blocking"]
     if any(ch["gating"] and ch["status"] == FAIL for ch in checks):
         verdict = INVALID

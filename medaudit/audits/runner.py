@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,15 +34,23 @@ from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
 from medaudit.core.adaptive import bind_labels
 from medaudit.core.components import Access, Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, Task, component_info
 from medaudit.core.environment import describe_environment, select_device
-from medaudit.core.models import SpeedWrapper, prepare_for_audit
+from medaudit.core.models import SpeedWrapper, prepare_for_audit, state_dict_sha256
 from medaudit.core.perturbation import input_gradient, project
 from medaudit.core.probes import FeatureTap
-from medaudit.core.errors import DataError, EnvironmentProblem, ExitCode, MedauditError, PrivacyError, SpecError
+from medaudit.core.errors import (
+    DataError, EnvironmentProblem, ExitCode, MedauditError, ModelRaised, ModelRejected, ModelUnstable, PrivacyError,
+    SpecError, Terminated,
+)
 from medaudit.core.host import Host
 from medaudit.core.privacy import leaked_values
+from medaudit.core.text import printable
 from medaudit.reports.figures import classification_figures, segmentation_figures
 
 SCHEMA_VERSION = 1
+#: Sources of identifying values a privacy refusal names at most.
+MAX_SOURCES_SHOWN = 5
+#: Where torch and medaudit live: frames there are never the model's own code.
+LIBRARY_DIRS = tuple(os.path.join(os.path.dirname(m.__file__), "") for m in (torch, medaudit))
 
 #: How the numbers are defined, stated in results.json and the report.
 CONVENTIONS = {
@@ -124,15 +134,62 @@ def check_model_runs(model: LoadedModel, data: LoadedData, task: Task, device: t
         with torch.no_grad():
             out = model.module(x)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DataError(
             f"the model cannot run on the data (case {data.case_ids[0]}, input of shape {tuple(x.shape)}): "
-            f"{type(exc).__name__}: {first}"
+            f"{type(exc).__name__}: {_first_line(exc)}"
         ) from None
     expected = (1, model.num_classes) + (tuple(x.shape[2:]) if task is Task.SEGMENTATION else ())
     if tuple(out.shape) != expected:
         raise DataError(f"the model gives outputs of shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; "
                         f"expected {expected} ({model.num_classes} classes)")
+
+
+#: Cases (the first of the data set, at most one batch) the load-time probe runs the model on.
+PROBE_CASES = 8
+#: Two forward passes whose outputs differ by more than this (``torch.allclose``) are non-deterministic.
+DETERMINISM_RTOL, DETERMINISM_ATOL = 1e-4, 1e-5
+
+
+def probe_model(model: LoadedModel, data: LoadedData, device: torch.device, batch_size: int, name: str,
+                randomized: bool) -> dict[str, Any]:
+    """Run the audited model twice on the first cases before any job and refuse what no
+    attack can be scored on: NaN or Inf outputs and probabilities instead of logits
+    (ModelRejected), weights the model changes itself or, unless the spec declares a
+    randomised model, two passes that differ (ModelUnstable: the audit would be INVALID).
+    Returns the findings for results.json."""
+    k = min(batch_size, PROBE_CASES, len(data))
+    x, cases = data.images[:k].to(device), data.case_ids[:k]
+    weights = state_dict_sha256(model.module)
+    try:
+        with torch.no_grad():
+            first, second = model.module(x).float(), model.module(x).float()
+    except Exception as exc:
+        raise DataError(f"{name} cannot run on a batch of the first {k} cases (input of shape {tuple(x.shape)}): "
+                        f"{type(exc).__name__}: {_first_line(exc)}") from None
+    if state_dict_sha256(model.module) != weights:
+        raise ModelUnstable(f"{name} changed its own weights while running on the first {k} cases: the audited model "
+                            "must stay fixed (look for in-place updates of parameters or buffers in forward)")
+    nonfinite = [case for case, ok in zip(cases, first.flatten(1).isfinite().all(1).tolist()) if not ok]
+    if nonfinite:
+        raise ModelRejected(f"{name} gives non-finite outputs (NaN or Inf) for {len(nonfinite)} of the first {k} cases "
+                            f"({', '.join(nonfinite)}): they cannot be scored; fix the model (a division by zero, a log "
+                            "of 0, an overflow)")
+    if first.shape[1] > 1 and bool(((first >= 0) & (first <= 1)).all()) and bool(((first.sum(1) - 1).abs() <= 1e-4).all()):
+        raise ModelRejected(f"{name} returns probabilities (every output of the first {k} cases is in [0, 1] and sums "
+                            "to 1 over the classes), not logits: attacks on probabilities see vanishing gradients and "
+                            "overstate robustness. Return logits: remove the final softmax; log-probabilities are also fine")
+    deterministic = torch.allclose(first, second, rtol=DETERMINISM_RTOL, atol=DETERMINISM_ATOL)
+    if not deterministic and not randomized:
+        raise ModelUnstable(f"{name} is non-deterministic: two forward passes on the same {k} cases differ by up to "
+                            f"{float((first - second).abs().max()):.2e} (dropout left on? random transforms?). Make it "
+                            "deterministic, or declare model.randomized: true in the spec (the audit then stays "
+                            "INVALID until attacks average over the randomness, EOT)")
+    return {"cases": k, "outputs": "logits", "finite": True, "deterministic": deterministic}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def check_dims(spec: Spec, host: Host, data: LoadedData) -> None:
@@ -162,6 +219,11 @@ class Runner:
         self._minimal: dict[int, torch.Tensor] = {}
         self._minimal_generator: torch.Generator | None = None
 
+    @property
+    def model_name(self) -> str:
+        """The audited model as messages name it: its loader and what it loaded."""
+        return f"model {self.spec.model.loader!r} ({self.model.description})"
+
     # -- loading ------------------------------------------------------------------------
 
     def load(self) -> None:
@@ -181,6 +243,10 @@ class Runner:
         check_model_access(spec, self.host, self.model)
         self.model.module.to(self.device)
         check_model_runs(self.model, self.data, spec.task, self.device)
+        self.probe = probe_model(self.model, self.data, self.device, spec.runtime.batch_size, self.model_name,
+                                 spec.model.randomized)
+        self.weights_sha256 = state_dict_sha256(self.model.module)  # compared after the last job
+
         self.models = {NO_DEFENSE: self.model}
         self.context = context = AttackContext(
             data=self.data, load_dataset=self._load_dataset, device=self.device, task=spec.task,
@@ -254,28 +320,69 @@ class Runner:
     def run(self, resume_dir: Path | None = None, run_dir: Path | None = None, force: bool = False) -> Outcome:
         """Run (or with ``resume_dir``, finish) the audit; ``run_dir`` names the run directory
         instead of a new stamped one: a non-empty one is refused unless ``force``, and then its
-        old contents are removed only once the model and data have loaded."""
+        old contents are removed only once the model and data have loaded.
+
+        A read-only output folder or too little free space (see :meth:`output_bytes`) stops
+        the run before the run directory exists; a full disk met later is an ``OutputError``
+        too, and the run directory stays resumable."""
         if run_dir is not None:
             rundir.check_run_dir(run_dir, force)
+        output = Path(resume_dir or run_dir or self.spec.runtime.output_dir)
+        rundir.check_writable(output)  # a read-only folder fails now, not once the model has loaded
         self.load()
         if self.data.sensitive_values:
-            self._refuse_identifying_text(
-                {"spec.resolved.yaml": yaml.safe_dump(self.spec.model_dump(mode="json")), "command line": self.command or ""},
-                "start the run",
-            )
+            self._refuse_identifying_text(self._known_texts(), "start the run")
+        if resume_dir is not None:
+            rundir.check_resumable(Path(resume_dir), self.fingerprints, self.environment())
+        rundir.check_free_space(output, self.output_bytes(resume_dir))
+        self.run_dir = None
+        try:
+            return self._run_in_dir(resume_dir, run_dir, force)
+        except OSError as exc:
+            if exc.errno not in rundir.NOT_WRITABLE:
+                raise
+            raise rundir.output_error(exc, self.run_dir) from None
+
+    def environment(self) -> dict[str, Any]:
+        """What environment.json records: versions and hardware, plus the plugins that are
+        not built in, with their versions (a resume refuses any change of these)."""
+        plugins = {info.distribution or name: info.version for name, info in self.host.plugins.items() if not info.builtin}
+        return {**describe_environment(self.device), "plugins": plugins}
+
+    def output_bytes(self, resume_dir: Path | None = None) -> int:
+        """A rough upper estimate of what the run writes, checked against the free space
+        before the first job. Per unfinished job: its records (300 bytes a case, plus 200 per
+        class for segmentation's per-class scores), its examples (``EXAMPLE_CASES`` slices:
+        two float32 images with all channels and three int64 label maps), its features
+        (classification: ``FEATURE_CASES`` cases of up to 2048 float16 values) and 500 kB of
+        figures (PNG files and their copies in report.html). Plus, for a new run, the trained
+        defenses' checkpoints, and 10 MB for results.json, report.html and junit.xml."""
+        dense = self.spec.task is Task.SEGMENTATION
+        n, shape = len(self.data), self.data.images.shape
+        records = n * (300 + (200 * self.model.num_classes if dense else 0))
+        examples = EXAMPLE_CASES * shape[-2] * shape[-1] * (8 * shape[1] + 24)
+        features = 0 if dense else min(n, FEATURE_CASES) * 2048 * 2
+        todo = [job for job in self.jobs if resume_dir is None or not is_done(Path(resume_dir), job.id)]
+        checkpoints = 0 if resume_dir is not None else sum(
+            Path(m.source["trained_checkpoint"]).stat().st_size for m in self.models.values() if "trained_checkpoint" in m.source
+        )
+        return len(todo) * (records + examples + features + 500_000) + checkpoints + 10_000_000
+
+    def _run_in_dir(self, resume_dir: Path | None, run_dir: Path | None, force: bool) -> Outcome:
+        """Create (or reopen) the run directory, run the unfinished jobs, write the results."""
         if resume_dir is not None:
             run_dir = Path(resume_dir)
-            rundir.check_resumable(run_dir, self.fingerprints)
         else:
             run_dir = (rundir.claim_run_dir(run_dir, force) if run_dir is not None
                        else rundir.new_run_dir(self.spec.runtime.output_dir, self.spec.audit.name))
-            rundir.init_run_dir(
-                run_dir, self.spec.model_dump(mode="json"), self.fingerprints, describe_environment(self.device)
-            )
             for label, loaded in self.models.items():  # trained defenses: their weights belong to the record
                 if "trained_checkpoint" in loaded.source:
-                    (run_dir / "defenses").mkdir(exist_ok=True)
-                    shutil.copyfile(loaded.source["trained_checkpoint"], run_dir / "defenses" / f"{label}.pt")
+                    with open(loaded.source["trained_checkpoint"], "rb") as src, \
+                            rundir.atomic_file(run_dir / "defenses" / f"{label}.pt", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+            rundir.init_run_dir(  # last: the fingerprints make the folder resumable
+                run_dir, self.spec.model_dump(mode="json"), self.fingerprints, self.environment()
+            )
         self.run_dir = run_dir
         rundir.log_event(run_dir, event="resume" if resume_dir else "start", command=self.command)
         self.host.pm.hook.audit_started(spec=self.spec, run_dir=run_dir, jobs=self.jobs)
@@ -292,11 +399,12 @@ class Runner:
                     summary = self.run_job(job, progress)
                     progress.advance(overall)
                     self.host.pm.hook.job_finished(job=job, summary=summary, run_dir=run_dir)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP through the CLI's handler
                     done = sum(is_done(run_dir, j.id) for j in self.jobs)
-                    rundir.log_event(run_dir, event="interrupted", finished_jobs=done)
+                    name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
+                    rundir.log_event(run_dir, event="interrupted", signal=name, finished_jobs=done)
                     raise Interrupted(
-                        f"interrupted: {done} of {len(self.jobs)} jobs finished in {run_dir}; "
+                        f"interrupted by {name}: {done} of {len(self.jobs)} jobs finished in {run_dir}; "
                         f"resume with: medaudit run SPEC --resume {run_dir}"
                     ) from None
 
@@ -320,7 +428,8 @@ class Runner:
             try:
                 write_pdf(run_dir)
             except MedauditError as exc:  # the verdict stands; the PDF can be redone with `medaudit report --pdf`
-                self.console.print(f"warning: {exc}; retry with: medaudit report {run_dir} --pdf", style="yellow", markup=False, highlight=False)
+                self.console.print(printable(f"warning: {exc}; retry with: medaudit report {run_dir} --pdf"),
+                                   style="yellow", markup=False, highlight=False)
                 rundir.log_event(run_dir, event="pdf_failed", error=str(exc))
         rundir.log_event(run_dir, event="finished", verdict=results["acceptance"]["verdict"])
         self.host.pm.hook.audit_finished(results=results, run_dir=run_dir)
@@ -346,17 +455,33 @@ class Runner:
                 health[name] = {"n": n, "zero": int((flat == 0).all(1).sum()), "nonfinite": int((~flat.isfinite()).any(1).sum())}
         return health
 
+    def _known_texts(self) -> dict[str, str]:
+        """The texts of the outputs that are known once the data has loaded and will certainly
+        be written: checked before any job runs, so a conflict costs no compute."""
+        data = self.data
+        return {
+            "spec.resolved.yaml": yaml.safe_dump(self.spec.model_dump(mode="json")),
+            "command line": self.command or "",
+            "class names": "\n".join([*data.class_names, *(data.mask_class_names or [])]),
+            "data description": data.description,
+        }
+
     def _refuse_identifying_text(self, texts: dict[str, str], refused: str) -> None:
         """Fail closed if a text about to be written holds a value the data set flagged as
-        identifying (DICOM header values, file names). The message names the files and a
-        count, never the values."""
-        leaks = {name: len(leaked_values(text, self.data.sensitive_values)) for name, text in texts.items()}
-        where = ", ".join(f"{name} ({n} value{'s' if n > 1 else ''})" for name, n in leaks.items() if n)
+        identifying (DICOM header values, file names). The message names the texts, a count
+        and where the values came from (a case's file name, a DICOM attribute), never the values."""
+        sensitive = self.data.sensitive_values
+        leaks = {name: leaked_values(text, sensitive) for name, text in texts.items()}
+        where = ", ".join(f"{name} ({len(v)} value{'s' if len(v) > 1 else ''})" for name, v in leaks.items() if v)
         if where:
+            sources = sorted({sensitive[value] for values in leaks.values() for value in values})
+            shown = "; ".join(sources[:MAX_SOURCES_SHOWN])
+            more = len(sources) - MAX_SOURCES_SHOWN
             raise PrivacyError(
-                f"refused to {refused}: {where} would hold values read from the input's identifying DICOM "
-                "attributes or file names. Remove the identifying text (from the spec, the command line, a "
-                "plugin's output or the class names) and run again."
+                f"refused to {refused}: {where} would hold values read from the input: {shown}"
+                + (f"; and {more} more" if more > 0 else "")
+                + ". Remove the identifying text (from the spec, the command line, a plugin's output or the class "
+                "names) or rename the files, and run again."
             )
 
     def _final_texts(self, outputs: dict[str, str], results: dict) -> dict[str, str]:
@@ -410,9 +535,11 @@ class Runner:
                 progress.advance(task)
             if self._tap is not None and (captured := self._tap.result()) is not None:
                 save_features(self.run_dir, job.id, *captured, self.data.labels[captured[0]])
-        except BaseException:
+        except BaseException as exc:
             writer.discard()
             progress.remove_task(task)
+            if isinstance(exc, Exception) and (frame := self._model_frame(exc)) is not None:
+                self._model_raised(job, exc, frame, list(self.data.case_ids[start : start + bs]))
             raise
         writer.commit()
         progress.remove_task(task)
@@ -420,18 +547,43 @@ class Runner:
         rundir.log_event(self.run_dir, event="job", job=job.id, seconds=round(seconds, 3))
         return {"job": job.id, "seconds": seconds}
 
+    def _model_frame(self, exc: Exception) -> str | None:
+        """Where the audited model's own code raised ``exc`` (``file:LINE in function``, the
+        innermost frame outside torch and medaudit), or None when no frame outside them is
+        the model's (then it is a bug in medaudit or a plugin)."""
+        own = {id(m) for m in self.model.module.modules()}
+        outside = [(f, line) for f, line in traceback.walk_tb(exc.__traceback__)
+                   if not f.f_code.co_filename.startswith(LIBRARY_DIRS)]
+        if not any(id(f.f_locals.get("self")) in own for f, _ in outside):
+            return None
+        frame, line = outside[-1]
+        return f"{os.path.basename(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name}"
+
+    def _model_raised(self, job: Job, exc: Exception, frame: str, cases: list[str]) -> None:
+        """Log the batch's cases and stop with one line that names the model as the source."""
+        rundir.log_event(self.run_dir, event="model_error", job=job.id, cases=cases, error=type(exc).__name__, frame=frame)
+        shown = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
+        raise ModelRaised(
+            f"{self.model_name} raised {type(exc).__name__}: {_first_line(exc)} (at {frame}) in job {job.title()!r}, "
+            f"on the batch of cases {shown}; fix the model, then resume with: medaudit run SPEC --resume {self.run_dir}"
+        ) from None
+
     def _dense_batch(self, model, attack: Attack | None, job: Job, x, y, clean: list[dict], generator, start: int) -> list[dict]:
         """Segmentation: every case is attacked (there is no 'already wrong' for a label map);
         each record holds per-class overlap and distance scores, clean and under attack."""
         num_classes, spacing = self.model.num_classes, self.data.spacing
+        if self.data.case_spacings is not None:  # cases of different resolutions: each its own
+            spacing = self.data.case_spacings[start : start + len(x)]
         x_adv, target = x, None
         if attack is not None:
             with torch.enable_grad():
                 x_adv = attack.perturb(self._attacked, x, y, eps=job.epsilon, norm=self.spec.threat_model.norm, generator=generator)
             target = attack.target_masks(y)
         with torch.inference_mode():
-            pred = model(x_adv).argmax(1)
+            logits = model(x_adv)
+        pred = logits.argmax(1)
         scores = dense_scores(pred, y, num_classes, spacing)
+        scores["finite"] = _finite(logits).tolist()  # clean_finite and adv_finite of each record
         delta = (x_adv - x).float()
         sizes = {
             "linf": _norm_of(delta, Norm.LINF).tolist(),
@@ -475,12 +627,14 @@ class Runner:
 
     def _clean_batch(self, model, job: Job, x, y, start: int) -> list[dict]:
         with torch.inference_mode(), self._tap.capture(torch.arange(start, start + len(y), device=y.device)):
-            pred = model(x).argmax(1)
+            logits = model(x)
+        pred = logits.argmax(1)
         if self._keeps_examples(start):
             save_examples(self.run_dir, job.id, x, x, y, pred, clean_pred=pred)
         rows = [
-            {"label": label, "clean_pred": p, "adv_pred": p, "attacked": False, "linf": 0.0, "l2": 0.0, "in_range": True}
-            for label, p in zip(y.tolist(), pred.tolist())
+            {"label": label, "clean_pred": p, "adv_pred": p, "attacked": False, "linf": 0.0, "l2": 0.0, "in_range": True,
+             "clean_finite": f, "adv_finite": f}
+            for label, p, f in zip(y.tolist(), pred.tolist(), _finite(logits).tolist())
         ]
         if (detected := self._detector_scores(job, x)) is not None:
             for row, score, rejected in zip(rows, *detected):
@@ -493,8 +647,10 @@ class Runner:
         norm = self.spec.threat_model.norm
         clean_pred = torch.tensor([r["clean_pred"] for r in clean], device=self.device)
         rejected = torch.tensor([r.get("clean_rejected", False) for r in clean], device=self.device)
-        correct = (clean_pred == y) & ~rejected
+        clean_finite = torch.tensor([r.get("clean_finite", True) for r in clean], device=self.device)
+        correct = (clean_pred == y) & ~rejected & clean_finite
         adv_pred = clean_pred.clone()
+        adv_finite = clean_finite.clone()
         linf = torch.zeros(len(y), device=self.device)
         l2 = torch.zeros(len(y), device=self.device)
         in_range = torch.ones(len(y), dtype=torch.bool, device=self.device)
@@ -516,7 +672,8 @@ class Runner:
                     x_adv = attack.perturb(self._attacked, x_att, y_att, eps=job.epsilon, norm=norm, generator=generator)
             bind_labels(self._attacked, None, None)
             with torch.inference_mode(), self._tap.capture(start + idx):
-                adv_pred[idx] = model(x_adv).argmax(1)
+                logits = model(x_adv)
+            adv_pred[idx], adv_finite[idx] = logits.argmax(1), _finite(logits)
             if (detected := self._detector_scores(job, x_adv)) is not None:
                 adv_scores = dict(zip(idx.tolist(), zip(*detected)))
             delta = (x_adv - x_att).float()
@@ -531,11 +688,12 @@ class Runner:
                 shown[idx[first]] = x_adv[first].to(shown.dtype)
             save_examples(self.run_dir, job.id, x[:k], shown, y[:k], adv_pred[:k], clean_pred=clean_pred[:k])
         rows = []
-        for a, b, c, d, e, f, g, h in zip(
+        for a, b, c, d, e, f, g, h, cf, af in zip(
             y.tolist(), clean_pred.tolist(), adv_pred.tolist(), correct.tolist(), linf.tolist(), l2.tolist(),
-            in_range.tolist(), min_norm.tolist(),
+            in_range.tolist(), min_norm.tolist(), clean_finite.tolist(), adv_finite.tolist(),
         ):
-            row = {"label": a, "clean_pred": b, "adv_pred": c, "attacked": d, "linf": e, "l2": f, "in_range": g}
+            row = {"label": a, "clean_pred": b, "adv_pred": c, "attacked": d, "linf": e, "l2": f, "in_range": g,
+                   "clean_finite": cf, "adv_finite": af}
             if isinstance(attack, MinimumNormAttack):
                 row["min_norm"] = None if h != h else h  # NaN: attacked but no adversarial found
             rows.append(row)
@@ -570,8 +728,11 @@ class Runner:
         spec, host = self.spec, self.host
         data = self.data
         dense = spec.task is Task.SEGMENTATION
+        # Before anything else runs the model again: did the jobs leave its weights as they found them?
+        self.probe["weights_unchanged"] = state_dict_sha256(self.model.module) == self.weights_sha256
         computed = compute_results(spec, host, self.jobs, self.run_dir, data.mask_class_names if dense else data.class_names)
-        checks = validity_checks(spec, host, self.jobs, computed["records"], computed["rows"], self.gradient_health())
+        checks = validity_checks(spec, host, self.jobs, computed["records"], computed["rows"], self.gradient_health(),
+                                 {**self.probe, "randomized": spec.model.randomized})
         accepted = acceptance(spec, host, computed, checks)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
@@ -607,7 +768,9 @@ class Runner:
                 "in_channels": self.model.in_channels,
                 "access": sorted(a.value for a in self.model.access),
                 "sha256": self.model.fingerprint,
+                "probe": self.probe,
             },
+
             "data": {
                 "dataset": spec.data.dataset,
                 **self._provenance("dataset", spec.data.dataset),
@@ -629,7 +792,7 @@ class Runner:
             "threat_model": {
                 "norm": spec.threat_model.norm.value,
                 "epsilons": spec.threat_model.epsilons,
-                "epsilon_labels": [epsilon_label(e) for e in spec.threat_model.epsilons],
+                "epsilon_labels": [epsilon_label(e, spec.threat_model.norm) for e in spec.threat_model.epsilons],
                 "epsilons_physical": physical_budgets(spec.threat_model.epsilons, data.intensity_window),
             },
             "attacks": [
@@ -705,6 +868,12 @@ def physical_budgets(epsilons: list[float], window: tuple[float, float] | None) 
     return [round(e * width, 6) for e in epsilons]
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Per case: are all its outputs finite? A NaN or Inf output is no prediction (its argmax is arbitrary)."""
+    return logits.flatten(1).isfinite().all(1)
+
+
 def _norm_of(delta: torch.Tensor, norm: Norm) -> torch.Tensor:
+
     flat = delta.flatten(1)
     return flat.abs().amax(1) if norm is Norm.LINF else flat.norm(dim=1)

@@ -11,13 +11,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema, field_validator,
+    model_validator,
+)
 
 from medaudit.audits.yamlsource import Loc, Source, format_loc, parse_yaml, read_yaml
-from medaudit.core.components import Norm, Task
+from medaudit.core.components import Metric, Norm, Task, missing_inputs
 from medaudit.core.errors import SpecError
 from medaudit.core.host import Host, unknown_name_message
 
@@ -39,18 +43,35 @@ def parse_epsilon(value: Any) -> Any:
     return value
 
 
-#: A perturbation budget in pixel units of [0, 1] images.
-Epsilon = Annotated[float, BeforeValidator(parse_epsilon), Field(ge=0.0, le=1.0)]
+#: What :func:`parse_epsilon` reads: a number, or a fraction such as ``1/255``, written as a string.
+_NUMBER = r"\s*(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*"
+EPSILON_JSON_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": f"^{_NUMBER}(/{_NUMBER})?$"}]
+}
+
+#: A perturbation budget in pixel units of [0, 1] images: finite and >= 0; the threat
+#: model bounds it by its norm (see :data:`UNIT_NORMS`).
+Epsilon = Annotated[
+    float, BeforeValidator(parse_epsilon), Field(ge=0.0, allow_inf_nan=False), WithJsonSchema(EPSILON_JSON_SCHEMA)
+]
+
+#: Norms whose budgets are at most 1, and why; L2 and L1 budgets grow with the image's size.
+UNIT_NORMS = {
+    Norm.LINF: "an L-inf budget is a change of pixel value, and pixels lie in [0, 1]",
+    Norm.L0: "an L0 budget is the fraction of pixels that may change",
+}
 
 
-def epsilon_label(eps: float) -> str:
-    """``0.00392...`` -> ``1/255``: budgets are easier to read in grey levels."""
-    grey = eps * 255
+def epsilon_label(eps: float, norm: Norm | str) -> str:
+    """A budget as people write it: L-inf in grey levels (``0.00392...`` -> ``1/255``), any
+    other norm as a plain number (an L2 budget of 2.0 is no number of grey levels)."""
     if eps == 0:
         return "0"
-    for digits in (0, 1, 2):
-        if abs(grey - round(grey, digits)) < 1e-6:
-            return f"{round(grey, digits):g}/255"
+    if Norm(norm) is Norm.LINF:
+        grey = eps * 255
+        for digits in (0, 1, 2):
+            if abs(grey - round(grey, digits)) < 1e-6:
+                return f"{round(grey, digits):g}/255"
     return f"{eps:.4g}"
 
 
@@ -86,6 +107,12 @@ class IntendedUse(_Section):
 class ModelRef(_Section):
     loader: str = Field(description="Name of a registered model loader (see `medaudit plugins`).")
     params: dict[str, Any] = Field(default_factory=dict, description="The loader's parameters.")
+    randomized: bool = Field(
+        False,
+        description="The model is randomised on purpose (e.g. random input transforms): two identical forward passes "
+        "may differ. Such a model needs attacks that average over its randomness (EOT); without this key a "
+        "non-deterministic model stops the run as INVALID.",
+    )
 
 
 class DataRef(_Section):
@@ -118,15 +145,27 @@ class DefenseRef(_Section):
 
 
 class ThreatModel(_Section):
+    # The JSON Schema's share of _within_norm: numbers above 1 only for L2 and L1.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"norm": {"enum": [n.value for n in Norm if n not in UNIT_NORMS]}}, "required": ["norm"]},
+        "else": {"properties": {"epsilons": {"items": {"maximum": 1}}}},
+    })
+
     norm: Norm = Field(Norm.LINF, description="Norm bounding the perturbation.")
     epsilons: list[Epsilon] = Field(
         min_length=1,
-        description="Budgets in pixel units of [0, 1] images; '1/255' style strings are allowed.",
+        description="Budgets in pixel units of [0, 1] images; '1/255' style strings are allowed. L-inf: at most 1 "
+        "(1/255 is one grey level); L2 and L1: the norm of the whole perturbation, above 1 for large images; "
+        "L0: the fraction of pixels that may change.",
     )
 
     @field_validator("epsilons")
     @classmethod
-    def _sorted_unique(cls, value: list[float]) -> list[float]:
+    def _within_norm(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        """Sorted, without repeats, and at most 1 for the norms in :data:`UNIT_NORMS`."""
+        norm = info.data.get("norm")
+        if norm in UNIT_NORMS and max(value) > 1:
+            raise ValueError(f"{max(value):g} is not at most 1: {UNIT_NORMS[norm]}")
         return sorted(set(value))
 
 
@@ -138,7 +177,9 @@ class Criterion(_Section):
     defense: str = Field(NO_DEFENSE, description="A defense label, or 'none' for the undefended model.")
     epsilon: Epsilon | None = Field(None, description="Budget the criterion applies to (not needed for clean metrics).")
     op: Literal[">=", ">", "<=", "<"]
-    threshold: float
+    threshold: float = Field(
+        allow_inf_nan=False, description="Compared with the metric; inside the metric's range, so that it can pass and fail."
+    )
     statistic: Literal["auto", "point", "lower_bound", "upper_bound"] = Field(
         "auto",
         description="Which estimate is compared: 'auto' takes the confidence bound on the side that "
@@ -315,6 +356,9 @@ def _check_components(source: Source, data: dict, host: Host, base_dir: Path, pr
                 problems.append(f"{source.where(full)}: {format_loc(full)}: {_message(err)}")
             return
         ref["params"] = validated.model_dump(mode="json", exclude_none=False)
+        for field, path in missing_inputs(validated):
+            full = loc + ("params", field)
+            problems.append(f"{source.where(full)}: {format_loc(full)}: not found: {path}")
         if task in {t.value for t in Task} and Task(task) not in cls.tasks:
             problems.append(
                 f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: {kind} {name!r} does not "
@@ -356,19 +400,35 @@ def _check_references(source: Source, spec: Spec, host: Host, problems: list[str
             problems.append(f"{source.where(loc + ('attack',))}: {format_loc(loc + ('attack',))}: {unknown_name_message('attack', crit.attack, attack_labels + [WORST_CASE])}")
         if crit.defense not in defense_labels:
             problems.append(f"{source.where(loc + ('defense',))}: {format_loc(loc + ('defense',))}: {unknown_name_message('defense', crit.defense, defense_labels)}")
+        if metric_cls is not None and (why := _undecidable(crit, metric_cls)):
+            problems.append(f"{source.where(loc + ('threshold',))}: {format_loc(loc + ('threshold',))}: {why}")
         needs_eps = metric_cls is not None and not metric_cls.clean
         if needs_eps and crit.epsilon is None:
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {crit.metric!r} needs an 'epsilon'")
         if crit.epsilon is not None and not any(abs(crit.epsilon - e) < 1e-12 for e in spec.threat_model.epsilons):
+            norm = spec.threat_model.norm
             problems.append(
-                f"{source.where(loc + ('epsilon',))}: {format_loc(loc + ('epsilon',))}: epsilon {epsilon_label(crit.epsilon)} "
-                f"is not in threat_model.epsilons ({', '.join(epsilon_label(e) for e in spec.threat_model.epsilons)})"
+                f"{source.where(loc + ('epsilon',))}: {format_loc(loc + ('epsilon',))}: epsilon {epsilon_label(crit.epsilon, norm)} "
+                f"is not in threat_model.epsilons ({', '.join(epsilon_label(e, norm) for e in spec.threat_model.epsilons)})"
             )
     ids = [c.id for c in spec.acceptance.criteria]
     for i, cid in enumerate(ids):
         if cid in ids[:i]:
             loc = ("acceptance", "criteria", i, "id")
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: criterion id {cid!r} is used twice")
+
+
+def _undecidable(crit: Criterion, metric: type[Metric]) -> str | None:
+    """Why ``crit`` can never fail or never pass on ``metric``'s range (its ``bounds``), or None."""
+    low, high = metric.bounds
+    t = crit.threshold
+    never_fail = {">=": t <= low, ">": t < low, "<=": t >= high, "<": t > high}[crit.op]
+    never_pass = {">=": t > high, ">": t >= high, "<=": t < low, "<": t <= low}[crit.op]
+    if not (never_fail or never_pass):
+        return None
+    span = ("(-inf" if low == -math.inf else f"[{low:g}") + ", " + ("inf)" if high == math.inf else f"{high:g}]")
+    return (f"{crit.op} {t:g} can never {'fail' if never_fail else 'pass'}: {metric.name} lies in {span}; "
+            "choose a threshold inside that range")
 
 
 def spec_json_schema(host: Host) -> dict:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Sequence, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
+
+from medaudit.core.privacy import UNKNOWN_SOURCE
 
 if TYPE_CHECKING:
     import jinja2
@@ -54,6 +57,28 @@ def resolve_path(value: Any, info: ValidationInfo) -> Path:
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
     return path
+
+
+_INPUT = object()  # marks InputPath among a field's annotations
+
+#: A params field naming a file or folder the component reads, relative to the spec's
+#: folder. Spec validation lists every one that does not exist (:func:`missing_inputs`),
+#: so ``medaudit validate`` and ``medaudit run`` refuse it before anything loads.
+InputPath = Annotated[Path, BeforeValidator(resolve_path), _INPUT]
+
+
+def missing_inputs(params: Params) -> list[tuple[str, Path]]:
+    """The :data:`InputPath` fields of ``params`` (also ``InputPath | None``) whose path does
+    not exist, as (field name, resolved path)."""
+    missing = []
+    for name, field in type(params).model_fields.items():
+        marked = _INPUT in field.metadata or any(
+            get_origin(arg) is Annotated and _INPUT in get_args(arg)[1:] for arg in get_args(field.annotation)
+        )
+        value = getattr(params, name)
+        if marked and isinstance(value, Path) and not value.exists():
+            missing.append((name, value))
+    return missing
 
 
 class Component(abc.ABC):
@@ -120,6 +145,12 @@ class LoadedModel:
 class ModelLoader(Component):
     """Builds a :class:`LoadedModel` from its params (checkpoint path, architecture...)."""
 
+    #: The access every model of this loader gives, when known without loading it (e.g. an
+    #: ONNX graph: scores and decisions), and why anything is missing: validation then
+    #: refuses attacks that need more. None: known only once loaded (checked then).
+    access: ClassVar[frozenset[Access] | None] = None
+    access_reason: ClassVar[str] = ""
+
     @abc.abstractmethod
     def load(self, task: Task) -> LoadedModel:
         ...
@@ -144,20 +175,30 @@ class LoadedData:
     masks: "torch.Tensor | None" = None
     mask_class_names: list[str] | None = None
     description: str = ""
-    #: Voxel/pixel size in mm per spatial axis (D, H, W or H, W), for Hausdorff distances.
+    #: Voxel/pixel size in mm per spatial axis (D, H, W or H, W) shared by every case, for
+    #: Hausdorff distances; None when unknown or when the cases differ (see ``case_spacings``).
     spacing: tuple[float, ...] | None = None
+    #: Each case's own spacing when the cases do not share one (NIfTI volumes of different
+    #: resolutions): distances in mm then use each case's own.
+    case_spacings: list[tuple[float, ...]] | None = None
     #: The interval of raw intensities mapped to [0, 1], when it is the same for every case
     #: (e.g. a CT window of [-1000, 400] HU), and its unit: the report restates each budget
     #: in those units (an L-inf budget of 1/255 is 5.5 HU at that window).
     intensity_window: tuple[float, float] | None = None
     intensity_unit: str = "intensity units"
     #: Strings read from the inputs that could identify a patient (DICOM header values of
-    #: the PS3.15 basic profile, file and folder names). Never written anywhere: the run
-    #: checks its output files against them before writing and refuses if one appears.
-    sensitive_values: frozenset[str] = frozenset()
+    #: the PS3.15 basic profile, file and folder names), each mapped to where it came from
+    #: (``"file name of case case-…"``). Never written anywhere: the run checks its texts
+    #: against them before the jobs and its output files before writing, and refuses if one
+    #: appears, naming the sources. A plain set of values (older plugins) gets a generic source.
+    sensitive_values: dict[str, str] = dataclasses.field(default_factory=dict)
     #: True when the pixels may carry burned-in identifying text (DICOM without Burned In
     #: Annotation = NO): the run then keeps no example images and the report shows none.
     pixels_may_identify: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sensitive_values, dict):
+            self.sensitive_values = dict.fromkeys(self.sensitive_values, UNKNOWN_SOURCE)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -314,6 +355,9 @@ class Metric(Component):
     #: Whether the metric describes clean performance (computed once per defense).
     clean: ClassVar[bool] = False
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.CLASSIFICATION})
+    #: The interval every value lies in, e.g. (0, 1) for a proportion: validation refuses an
+    #: acceptance threshold that leaves a criterion unable to fail or unable to pass.
+    bounds: ClassVar[tuple[float, float]] = (-math.inf, math.inf)
 
     @abc.abstractmethod
     def compute(self, records: Sequence[dict]) -> MetricValue | None:

@@ -14,9 +14,9 @@ class ExitCode(enum.IntEnum):
 
     PASS = 0  #: every blocking acceptance criterion held
     FAIL = 1  #: the audit ran and a blocking criterion failed
-    INTERRUPTED = 2  #: stopped (Ctrl-C); the run directory is resumable
-    INTERNAL_ERROR = 3  #: a bug or an unrecoverable fault (out of memory, disk full)
-    USAGE_ERROR = 4  #: bad spec, bad input file, missing checkpoint: nothing was evaluated
+    INTERRUPTED = 2  #: stopped (Ctrl-C, SIGTERM, SIGHUP); the run directory is resumable
+    INTERNAL_ERROR = 3  #: a bug or an unrecoverable fault (out of memory, the audited model's own code raised)
+    USAGE_ERROR = 4  #: bad command line, spec, input or checkpoint; a read-only or full output folder
     NO_DATA = 5  #: nothing to evaluate (no criteria, or zero cases)
     INCONCLUSIVE = 6  #: a blocking criterion could not be decided (too few cases)
     INVALID = 7  #: a gating validity check failed: the numbers cannot support a claim
@@ -64,5 +64,37 @@ class EnvironmentProblem(MedauditError):
     """The Python environment is broken (for example torch and torchvision do not match)."""
 
 
+class OutputError(MedauditError):
+    """The run's files cannot be written: the output folder is read-only, or the disk is full."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during ``medaudit run``, raised by its signal handler so that the run
+    stops the way Ctrl-C stops it (a ``KeyboardInterrupt``), naming the signal."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 class PrivacyError(MedauditError):
     """An output would have contained a value that could identify a patient."""
+
+
+class ModelRejected(MedauditError):
+    """The model runs, but its outputs cannot be audited: NaN or Inf, or probabilities
+    instead of logits (found by the load-time probe, before the run directory exists)."""
+
+
+class ModelUnstable(MedauditError):
+    """The model is not one fixed function: two identical forward passes differ, or it
+    changes its own weights. Robustness numbers of such a model support no claim."""
+
+    exit_code = ExitCode.INVALID
+
+
+class ModelRaised(MedauditError):
+    """The audited model's own code raised during a job: the message names the model, the
+    job, the cases of the batch and the model's frame; the run directory stays resumable."""
+
+    exit_code = ExitCode.INTERNAL_ERROR

@@ -8,19 +8,44 @@ data (so runs can be compared and resumed) and unreadable without the key.
 The key is ``$MEDAUDIT_PSEUDONYM_KEY`` when set, else a hash of the files' contents. It is
 never written anywhere (the published data fingerprint is a different hash), so someone
 holding a report but not the images cannot test guessed file names against the ids.
+
+Identifying values (:attr:`LoadedData.sensitive_values`) map each value to where it came
+from (``"file name of case case-1a2b3c4d5e6f"``), so a refusal can say which source matched
+without quoting the value. File names are guarded except when they are ordinary
+(:func:`ordinary`): a short number (``2000.png``) or one word of the report's own text
+(``summary.png``) identifies nobody but would stop every run, since the report prints
+such years and words itself. DICOM and NIfTI header values are guarded regardless.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import html
+import importlib.resources
 import os
 import re
 from pathlib import PurePath
-from typing import Iterable
+from typing import Iterable, Mapping
 
 #: Shorter strings read from the input are not guarded: they match too much innocent text.
 MIN_SENSITIVE_LENGTH = 4
+#: A file name that is a number of fewer digits is not guarded (years, counters); record
+#: numbers and dates written as digits are longer.
+MIN_GUARDED_DIGITS = 6
+#: Python modules whose string literals are fixed text of results.json and the report.
+_REPORT_TEXT_MODULES = (
+    ("medaudit.audits", "runner.py"),
+    ("medaudit.audits", "results.py"),
+    ("medaudit.reports", "html.py"),
+    ("medaudit.reports", "figures.py"),
+    ("medaudit.reports", "junit.py"),
+    ("medaudit.plugins", "report_sections.py"),
+)
+
+#: Where a value came from, for values a plugin hands over without one.
+UNKNOWN_SOURCE = "a value the data set flagged as identifying"
 
 
 def pseudonym_key(content_hashes: Iterable[str]) -> str:
@@ -45,23 +70,57 @@ def distinctive(text: str) -> bool:
     return len(text) >= MIN_SENSITIVE_LENGTH and len(set(text)) > 1 and any(c.isalnum() for c in text)
 
 
-def file_name_values(name: str) -> set[str]:
-    """The identifying strings of a file's name, for :attr:`LoadedData.sensitive_values`:
-    the name, its stem and, for a relative path (``sub/x.png``), the path and each of its
-    folder names; those that are :func:`distinctive`."""
+_TOKEN = re.compile(r"[^\W_]+")
+
+
+@functools.lru_cache(maxsize=1)
+def report_words() -> frozenset[str]:
+    """The words (casefolded) of the fixed text medaudit writes: its report templates and the
+    string literals of the modules that build results.json and the report. Computed once."""
+    texts = [
+        path.read_text(encoding="utf-8")
+        for path in _walk_files(importlib.resources.files("medaudit.reports").joinpath("templates"))
+        if path.name.endswith(".j2")
+    ]
+    for package, module in _REPORT_TEXT_MODULES:
+        tree = ast.parse(importlib.resources.files(package).joinpath(module).read_text(encoding="utf-8"))
+        texts += [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    return frozenset(word for text in texts for word in _TOKEN.findall(text.casefold()) if word.isalpha())
+
+
+def _walk_files(folder) -> Iterable:
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            yield from _walk_files(entry)
+        else:
+            yield entry
+
+
+def ordinary(text: str) -> bool:
+    """Whether a value read from a file name is one number of fewer than
+    :data:`MIN_GUARDED_DIGITS` digits or one word of :func:`report_words`: it identifies
+    nobody, and guarding it would refuse the report's own years and words."""
+    folded = text.casefold()
+    if not _TOKEN.fullmatch(folded):
+        return False
+    return (folded.isdigit() and len(folded) < MIN_GUARDED_DIGITS) or folded in report_words()
+
+
+def file_name_values(name: str, source: str) -> dict[str, str]:
+    """The identifying strings of a file's name, for :attr:`LoadedData.sensitive_values`,
+    each mapped to ``source`` (e.g. ``"file name of case case-1a2b3c4d5e6f"``): the name, its
+    stem and, for a relative path (``sub/x.png``), the path and each of its folder names;
+    those that are :func:`distinctive` and not :func:`ordinary`."""
     path = PurePath(name)
-    return {s for s in (name, path.name, path.stem, *path.parts[:-1]) if distinctive(s)}
+    return {s: source for s in (name, path.name, path.stem, *path.parts[:-1]) if distinctive(s) and not ordinary(s)}
 
 
-def drop_public(sensitive: Iterable[str], public: Iterable[str]) -> set[str]:
+def drop_public(sensitive: Mapping[str, str], public: Iterable[str]) -> dict[str, str]:
     """``sensitive`` without the values that are part of a ``public`` text (class names,
     which the report shows anyway: keeping such a value would make the run refuse to write
     its own class names)."""
     public = [text.casefold() for text in public]
-    return {v for v in sensitive if not any(v.casefold() in text for text in public)}
-
-
-_TOKEN = re.compile(r"[^\W_]+")
+    return {v: source for v, source in sensitive.items() if not any(v.casefold() in text for text in public)}
 
 
 def leaked_values(text: str, sensitive: Iterable[str]) -> list[str]:

@@ -74,16 +74,27 @@ def case_mean(per_class: Sequence[float]) -> float:
 
 
 def hd95_per_class(
-    pred: torch.Tensor, truth: torch.Tensor, num_classes: int, spacing: Sequence[float] | None = None
+    pred: torch.Tensor,
+    truth: torch.Tensor,
+    num_classes: int,
+    spacing: Sequence[float] | Sequence[Sequence[float]] | None = None,
 ) -> torch.Tensor:
     """``N x K`` 95th-percentile symmetric Hausdorff distances between boundaries, in
-    the units of ``spacing`` (pixels when None), with the empty-mask convention above."""
+    the units of ``spacing`` (pixels when None; one spacing for all cases, or one per case),
+    with the empty-mask convention above."""
     from monai.metrics import compute_hausdorff_distance
 
     p, t = one_hot(pred, num_classes), one_hot(truth, num_classes)
     spatial = pred.shape[1:]
-    unit = list(spacing) if spacing is not None else [1.0] * len(spatial)
-    diagonal = math.sqrt(sum((s * u) ** 2 for s, u in zip(spatial, unit)))
+    if spacing is None:
+        units = [[1.0] * len(spatial)] * len(pred)
+    elif isinstance(spacing[0], (list, tuple)):
+        units = [list(s) for s in spacing]
+    else:
+        units = [list(spacing)] * len(pred)
+    diagonal = torch.tensor(
+        [[math.sqrt(sum((s * u) ** 2 for s, u in zip(spatial, unit)))] for unit in units], dtype=torch.float64
+    )
     dims = tuple(range(2, p.dim()))
     p_any, t_any = p.any(dims), t.any(dims)
     out = torch.zeros(p.shape[:2], dtype=torch.float64)
@@ -94,10 +105,10 @@ def hd95_per_class(
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)  # a deprecation inside MONAI itself
             hd = compute_hausdorff_distance(
-                p.cpu().float(), t.cpu().float(), include_background=True, percentile=95, spacing=unit
+                p.cpu().float(), t.cpu().float(), include_background=True, percentile=95, spacing=units
             ).double()
         out = torch.where(both, hd, out)
-    out = torch.where((p_any ^ t_any).cpu(), torch.full_like(out, diagonal), out)
+    out = torch.where((p_any ^ t_any).cpu(), diagonal.expand_as(out), out)
     return out.float()
 
 

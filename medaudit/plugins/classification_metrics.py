@@ -6,8 +6,12 @@ Proportions carry their counts so that the results can give Wilson confidence in
 
 from __future__ import annotations
 
+import math
+
 from medaudit import hookimpl
 from medaudit.core.components import Metric, MetricValue, Task
+
+UNIT = (0.0, 1.0)
 
 
 def _proportion(flags: list[bool]) -> MetricValue | None:
@@ -22,6 +26,7 @@ class CleanAccuracy(Metric):
 
     name = "clean_accuracy"
     clean = True
+    bounds = UNIT
 
     def compute(self, records):
         return _proportion([r["clean_correct"] for r in records])
@@ -33,6 +38,7 @@ class RobustAccuracy(Metric):
     must survive every attack at that epsilon."""
 
     name = "robust_accuracy"
+    bounds = UNIT
 
     def compute(self, records):
         return _proportion([r["adv_correct"] for r in records])
@@ -43,6 +49,7 @@ class AttackSuccessRate(Metric):
 
     name = "attack_success_rate"
     better = "lower"
+    bounds = UNIT
 
     def compute(self, records):
         return _proportion([not r["adv_correct"] for r in records if r["clean_correct"]])
@@ -55,6 +62,7 @@ class _NormStat(Metric):
     field = ""
     reduce = "mean"
     tasks = frozenset(Task)
+    bounds = (0.0, math.inf)
 
     def compute(self, records):
         values = [r[self.field] for r in records if r["attacked"]]
@@ -67,13 +75,13 @@ class _NormStat(Metric):
 class LinfMean(_NormStat):
     """Mean L-inf norm of the perturbations, in [0, 1] pixel units."""
 
-    name, field, reduce = "perturbation_linf_mean", "linf", "mean"
+    name, field, reduce, bounds = "perturbation_linf_mean", "linf", "mean", UNIT
 
 
 class LinfMax(_NormStat):
     """Largest L-inf norm of any perturbation, in [0, 1] pixel units."""
 
-    name, field, reduce = "perturbation_linf_max", "linf", "max"
+    name, field, reduce, bounds = "perturbation_linf_max", "linf", "max", UNIT
 
 
 class L2Mean(_NormStat):
@@ -93,6 +101,7 @@ class MinNormMedian(Metric):
     minimum-norm attack, over the attacked samples; samples it could not fool count as infinite."""
 
     name = "min_norm_median"
+    bounds = (0.0, math.inf)
 
     def compute(self, records):
         sizes = sorted(

@@ -10,12 +10,14 @@ after the 128-byte preamble). Files are read with pydicom without ``force``, so 
 that is not a DICOM Part 10 file is an error, not a guess. Subfolders are not searched.
 
 Pixels: stored values go through the Modality LUT (Rescale Slope and Intercept, or a
-Modality LUT Sequence), so CT images are in HU, then through a linear window
-``[centre - width / 2, centre + width / 2]`` mapped to [0, 1] with clipping (the
-LINEAR_EXACT function of PS3.3 C.11.2.1.3.2; VOI LUT Sequences and the SIGMOID function
-are not applied). The window is the ``window`` param when set, else the file's own
-Window Center and Width (the first pair when several are given), else the image's own
-min and max. MONOCHROME1 images are inverted after windowing, so bright always means a
+Modality LUT Sequence), so CT images are in HU, then through a VOI transform to [0, 1]
+(pydicom's ``apply_voi_lut``, :func:`voi_values`). With the ``window`` param
+``[centre, width]`` that is the linear window ``[centre - width / 2, centre + width / 2]``
+with clipping (LINEAR_EXACT, PS3.3 C.11.2.1.3.2). Without it, the file's own VOI: its VOI
+LUT Sequence (first item, scaled by the LUT's bit depth), else its Window Center and Width
+(the first pair) with its VOI LUT Function (LINEAR when absent, LINEAR_EXACT or SIGMOID),
+also from an enhanced file's Frame VOI LUT functional group; else (or when pydicom cannot
+apply it) the image's own min and max. MONOCHROME1 images are inverted after windowing, so bright always means a
 high value as displayed. ``size`` resizes (bilinear, antialiased) after windowing;
 without it every image must have the same Rows and Columns.
 
@@ -69,11 +71,11 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Dataset, LoadedData, Task
+from medaudit.core.components import Dataset, InputPath, LoadedData, Task
 from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import distinctive, drop_public, file_name_values, pseudonym, pseudonym_key
-from medaudit.plugins.image_folders import ClassFolderParams, check_folder, class_folders, fingerprint_of
+from medaudit.plugins.image_folders import ClassFolderParams, check_folder, class_folders, fingerprint_of, inside
 
 PROFILE_FILE = "dicom_basic_profile.tsv"
 
@@ -140,16 +142,26 @@ def is_listed(tag: int) -> bool:
 # -- harvesting sensitive values ------------------------------------------------------------
 
 
-def _add(out: set[str], text: str, split_names: bool) -> None:
+def _add(out: dict[str, str], text: str, split_names: bool, source: str) -> None:
     for item in text.split("\\"):
         item = item.strip(" \x00\t\r\n")
         if distinctive(item):
-            out.add(item)
+            out.setdefault(item, source)
         if split_names:
             for part in re.split(r"[\^=]", item):
                 part = part.strip(" \x00\t\r\n")
                 if distinctive(part):
-                    out.add(part)
+                    out.setdefault(part, source)
+
+
+def _source(tag, case: str) -> str:
+    """Where a value came from, for a privacy refusal: the attribute's keyword and tag, and the case."""
+    from pydicom.datadict import keyword_for_tag
+    from pydicom.tag import Tag
+
+    tag = Tag(tag)
+    keyword = keyword_for_tag(tag) or ("private attribute" if tag.is_private else "attribute")
+    return f"DICOM {keyword} ({tag.group:04X},{tag.element:04X}) of {case}"
 
 
 def _is_multi(value: Any) -> bool:
@@ -179,8 +191,9 @@ def _values(value: Any) -> Iterator[str]:
         yield str(value)
 
 
-def harvest(dataset, out: set[str], inherited: bool = False) -> None:
-    """Add the sensitive values of ``dataset`` (and its sequences, at any depth) to ``out``."""
+def harvest(dataset, out: dict[str, str], case: str, inherited: bool = False) -> None:
+    """Add the sensitive values of ``dataset`` (and its sequences, at any depth) to ``out``,
+    each mapped to its attribute and ``case`` (e.g. ``"case case-1a2b3c4d5e6f"``)."""
     for tag in list(dataset.keys()):
         listed = inherited or is_listed(int(tag))
         try:
@@ -190,14 +203,14 @@ def harvest(dataset, out: set[str], inherited: bool = False) -> None:
                 with contextlib.suppress(Exception):
                     text = _decoded(dataset.get_item(tag).value)
                     if text is not None:
-                        _add(out, text, split_names=True)
+                        _add(out, text, split_names=True, source=_source(tag, case))
             continue
         if elem.VR == "SQ":
             for item in elem.value or ():
-                harvest(item, out, listed)
+                harvest(item, out, case, listed)
         elif listed and (elem.VR in TEXT_VRS or elem.VR == "UN"):
             for text in _values(elem.value):
-                _add(out, text, split_names=elem.VR in NAME_VRS)
+                _add(out, text, split_names=elem.VR in NAME_VRS, source=_source(tag, case))
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -356,11 +369,6 @@ def read_pixels(ds, where: str, *, multi_frame: bool = False) -> tuple[np.ndarra
         ) from None
     if not np.isfinite(values).all():
         raise DataError(f"{where}: the image contains NaN or Inf values")
-    center, width = header_number(ds, "WindowCenter"), header_number(ds, "WindowWidth")
-    if center is None or width is None:
-        voi = functional_item(ds, "FrameVOILUTSequence")
-        if voi is not None:
-            center, width = header_number(voi, "WindowCenter"), header_number(voi, "WindowWidth")
     modality = header_text(ds, "Modality")
     spacing = header_numbers(ds, "PixelSpacing")
     if spacing is None:
@@ -372,7 +380,7 @@ def read_pixels(ds, where: str, *, multi_frame: bool = False) -> tuple[np.ndarra
         "photometric": photometric,
         "bits": int(bits) if bits is not None and bits == int(bits) and 1 <= bits <= 64 else None,
         "spacing": list(spacing) if spacing is not None and len(spacing) == 2 and min(spacing) > 0 else None,
-        "window": (center, width) if center is not None and width is not None and width > 0 else None,
+        "voi": file_voi(ds),
         "rescaled": int(rescaled),
     }
 
@@ -402,7 +410,7 @@ def is_dicom_candidate(path: Path) -> bool:
 
 
 class DicomFolderParams(DicomClassFolderParams):
-    path: Path = Field(
+    path: InputPath = Field(
         description="Root folder with one subfolder per class, each holding single-frame DICOM files (*.dcm, or "
         "files without an extension that start with the DICOM prefix); not searched recursively."
     )
@@ -439,6 +447,7 @@ class DicomFolder(Dataset):
             for f in sorted(folder.iterdir(), key=lambda f: f.name):
                 if not f.is_file() or f.name.startswith(".") or f.name.upper() == "DICOMDIR":
                     continue
+                inside(folder, f, f"{ds_name}: a file in class folder {cls!r}")
                 if is_dicom_candidate(f):
                     files.append((label, cls, f))
                     found += 1
@@ -453,7 +462,7 @@ class DicomFolder(Dataset):
         key = pseudonym_key(h for _, h in hashes)
         case_ids = [pseudonym(key, rel) for rel, _ in hashes]
 
-        sensitive: set[str] = set()
+        sensitive: dict[str, str] = {}
         images: list[torch.Tensor] = []
         facts: dict[str, Counter] = {k: Counter() for k in ("modality", "stored", "bits", "photometric", "window")}
         spacings: list[float] = []
@@ -461,11 +470,11 @@ class DicomFolder(Dataset):
         first: tuple[tuple[int, int], str] | None = None
         for (label, cls, path), case in zip(files, case_ids):
             where = f"{ds_name}: case {case} in class folder {cls!r}"
-            sensitive |= file_name_values(path.name)
+            sensitive |= file_name_values(path.name, f"file name of case {case}")
             ds = read_dicom(path, where)
             with quiet_pydicom():
-                harvest(ds.file_meta, sensitive)
-                harvest(ds, sensitive)
+                harvest(ds.file_meta, sensitive, f"case {case}")
+                harvest(ds, sensitive, f"case {case}")
                 values, info = read_pixels(ds, where)
             declared_clean += str(getattr(ds, "BurnedInAnnotation", "")).strip().upper() == "NO"
             facts["modality"][info["modality"]] += 1
@@ -478,9 +487,9 @@ class DicomFolder(Dataset):
             else:
                 spacings += info["spacing"]
 
-            window = p.window if p.window is not None else info["window"]
-            facts["window"]["spec" if p.window is not None else ("file" if window is not None else "minmax")] += 1
-            image = window_values(values, window)
+            voi = linear_window(*p.window) if p.window is not None else info["voi"]
+            facts["window"]["spec" if p.window is not None else ("file" if voi is not None else "minmax")] += 1
+            image = voi_values(values, voi)
             if info["photometric"] == "MONOCHROME1":
                 image = 1.0 - image
             x = torch.from_numpy(image)[None]
@@ -516,7 +525,7 @@ class DicomFolder(Dataset):
             class_names=list(classes),
             fingerprint=fingerprint,
             description=description,
-            sensitive_values=frozenset(sensitive),
+            sensitive_values=sensitive,
             # Burned-in text is not removed: example images stay out of the report unless every
             # file declares Burned In Annotation = NO (DICOM PS3.15 E.3.1).
             pixels_may_identify=declared_clean < len(files),
@@ -538,7 +547,7 @@ class DicomFolder(Dataset):
         if p.window is not None:
             window = f"window centre {p.window[0]:g}, width {p.window[1]:g} (from the spec)"
         else:
-            sources = (("each file's own Window Center/Width", "file"), ("each image's own min-max", "minmax"))
+            sources = (("each file's own VOI LUT or Window Center/Width", "file"), ("each image's own min-max", "minmax"))
             window = "window: " + ", ".join(f"{text} ({windows[k]})" for text, k in sources if windows[k])
         parts = [
             f"{self.name}: {n} single-frame DICOM images in {len(classes)} classes ("
@@ -561,16 +570,70 @@ class DicomFolder(Dataset):
         return "; ".join(part for part in parts if not any(v in part for v in sensitive))
 
 
-def window_values(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    """Map [centre - width / 2, centre + width / 2] (or the values' own min-max) to [0, 1] with
-    clipping (float32, any shape)."""
-    if window is not None:
-        low, width = window[0] - window[1] / 2.0, window[1]
-    else:
+def _voi_view(ds=None, **attributes):
+    """A minimal pydicom dataset holding one VOI transform, for ``apply_voi_lut``: monochrome,
+    16 bits (the output range does not matter: :func:`voi_values` rescales it to [0, 1])."""
+    from pydicom.dataset import Dataset
+
+    view = Dataset()
+    if ds is not None and hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta  # the byte order of an OW LUT Data
+    view.PhotometricInterpretation, view.BitsStored, view.PixelRepresentation = "MONOCHROME2", 16, 0
+    for keyword, value in attributes.items():
+        setattr(view, keyword, value)
+    return view
+
+
+def linear_window(centre: float, width: float):
+    """The spec's ``window: [centre, width]``: [centre - width / 2, centre + width / 2] to [0, 1]."""
+    return _voi_view(WindowCenter=centre, WindowWidth=width, VOILUTFunction="LINEAR_EXACT")
+
+
+def file_voi(ds):
+    """The file's own VOI transform (see the module docstring) as a dataset for
+    :func:`voi_values`; None when it has none, or one pydicom cannot apply."""
+    from pydicom.sequence import Sequence
+
+    for source in (ds, functional_item(ds, "FrameVOILUTSequence")):
+        if source is None:
+            continue
+        if source.get("VOILUTSequence"):
+            view = _voi_view(ds, VOILUTSequence=Sequence([source.VOILUTSequence[0]]))
+        else:
+            center, width = header_number(source, "WindowCenter"), header_number(source, "WindowWidth")
+            if center is None or width is None:
+                continue
+            function = header_text(source, "VOILUTFunction") or "LINEAR"
+            view = _voi_view(WindowCenter=center, WindowWidth=width, VOILUTFunction=function)
+        try:
+            voi_values(np.zeros(1), view)
+        except Exception:  # an unknown function, a width pydicom refuses, an unsupported LUT depth
+            return None
+        return view
+    return None
+
+
+def voi_values(values: np.ndarray, voi) -> np.ndarray:
+    """``values`` mapped to [0, 1] by a VOI transform (:func:`linear_window`, :func:`file_voi`)
+    with pydicom's ``apply_voi_lut``, or by their own min and max when ``voi`` is None
+    (float32, any shape). A VOI LUT's output is divided by its largest value (2^bits - 1), a
+    window's is rescaled from the range pydicom maps it to."""
+    from pydicom.pixels import apply_voi_lut
+
+    if voi is None:
         low, width = float(values.min()), float(values.max() - values.min())
-    if width <= 0:
-        return np.zeros(values.shape, dtype=np.float32)
-    return np.clip((values - low) / width, 0.0, 1.0).astype(np.float32)
+        if width <= 0:
+            return np.zeros(values.shape, dtype=np.float32)
+        return np.clip((values - low) / width, 0.0, 1.0).astype(np.float32)
+    if "VOILUTSequence" in voi:
+        entries, first, bits = voi.VOILUTSequence[0].LUTDescriptor
+        indices = np.clip(np.rint(values), first, first + (entries or 65536) - 1).astype(np.int64)
+        out = apply_voi_lut(indices, voi) / (2.0**bits - 1)
+    else:
+        with np.errstate(over="ignore"):
+            low, high = apply_voi_lut(np.array([-np.inf, np.inf]), voi)
+            out = (apply_voi_lut(values, voi) - low) / (high - low)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 @hookimpl

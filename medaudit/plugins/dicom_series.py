@@ -28,9 +28,10 @@ least 2 slices (single images belong in ``dicom-folder``).
 Pixels: each slice goes through the same code as ``dicom-folder``
 (:func:`medaudit.plugins.dicom.read_pixels`): its own Modality LUT (Rescale
 Slope/Intercept, Modality LUT Sequence, or the Pixel Value Transformation of an enhanced
-file's functional groups), so CT is in HU; then the volume is windowed to [0, 1] with
-clipping by the ``window`` param, else the Window Center/Width of its first slice (in
-sorted order; an enhanced file's Frame VOI LUT), else the volume's own min and max;
+file's functional groups), so CT is in HU; then the volume is mapped to [0, 1] by the
+``window`` param [centre, width], else the VOI transform of its first slice (in sorted
+order: VOI LUT Sequence, else Window Center/Width with its VOI LUT Function; an enhanced
+file's Frame VOI LUT), else the volume's own min and max (:func:`medaudit.plugins.dicom.voi_values`);
 MONOCHROME1 slices are inverted after windowing. ``shape`` centre-crops or zero-pads every
 volume to D x H x W (after windowing); without it all volumes must share one shape.
 D x H x W follow the sorted slices, Rows and Columns; no resampling or reorientation is
@@ -52,7 +53,7 @@ orientation or with gantry tilt beyond a plane stack (slices are assumed paralle
 their positions are only projected on the normal, not checked to lie along it); 4D series
 (several time points or echoes sharing one Series Instance UID, which show up as
 duplicate positions); per-frame windows of enhanced files (the first frame's is used);
-VOI LUT Sequences and the SIGMOID VOI function; segmentation (SEG/RTSTRUCT) objects.
+segmentation (SEG/RTSTRUCT) objects.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Dataset, LoadedData, Task
+from medaudit.core.components import Dataset, InputPath, LoadedData, Task
 from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import drop_public, file_name_values, leaked_values, pseudonym, pseudonym_key
@@ -81,12 +82,13 @@ from medaudit.plugins.dicom import (
     header_number,
     header_numbers,
     header_text,
+    linear_window,
     quiet_pydicom,
     read_dicom,
     read_pixels,
-    window_values,
+    voi_values,
 )
-from medaudit.plugins.image_folders import check_folder, class_folders, fingerprint_of
+from medaudit.plugins.image_folders import check_folder, class_folders, fingerprint_of, inside
 from medaudit.plugins.nifti import crop_or_pad
 
 #: Two slices closer than this (mm, along the normal) are at the same position.
@@ -96,7 +98,7 @@ ORIENTATION_ATOL = 1e-3
 
 
 class DicomSeriesParams(DicomClassFolderParams):
-    path: Path = Field(
+    path: InputPath = Field(
         description="Root folder with one subfolder per class; each class folder is searched recursively for DICOM "
         "series (single-frame slices) and multi-frame DICOM files, each one case."
     )
@@ -302,6 +304,7 @@ class DicomSeries(Dataset):
         for label, cls in enumerate(classes):
             found = 0
             for path in _walk(p.path / cls):
+                inside(p.path / cls, path, f"{ds_name}: a file in class folder {cls!r}")
                 if _is_dicom(path):
                     files.append((label, cls, path, f"{cls}/{path.relative_to(p.path / cls).as_posix()}"))
                     found += 1
@@ -318,10 +321,11 @@ class DicomSeries(Dataset):
         # First pass: headers only, to group the files into volumes and order them.
         cases: dict[tuple[str, str], _Case] = {}
         series_class: dict[str, str] = {}
-        sensitive: set[str] = set()
+        sensitive: dict[str, str] = {}
         for label, cls, path, rel in files:
-            sensitive |= file_name_values(rel.split("/", 1)[1])
-            where = f"{ds_name}: file {'file-' + pseudonym(key, rel)[5:]} in class folder {cls!r}"
+            file_id = "file-" + pseudonym(key, rel)[5:]
+            sensitive |= file_name_values(rel.split("/", 1)[1], f"file name of {file_id}")
+            where = f"{ds_name}: file {file_id} in class folder {cls!r}"
             header = read_dicom(path, where, header_only=True)
             with quiet_pydicom():
                 item = _slice_facts(header, path, rel)
@@ -355,7 +359,7 @@ class DicomSeries(Dataset):
         first: tuple[tuple[int, ...], str] | None = None
         for case, case_id in zip(ordered, case_ids):
             where = f"{ds_name}: case {case_id} in class folder {case.cls!r}"
-            volume, info = self._volume(case, where, p, sensitive)
+            volume, info = self._volume(case, case_id, where, p, sensitive)
             declared_clean += info["clean"]
             rescaled += info["rescaled"]
             for k in ("modality", "photometric", "order", "kind"):
@@ -393,20 +397,23 @@ class DicomSeries(Dataset):
             fingerprint=fingerprint_of(hashes, p.model_dump(mode="json", exclude={"path"})),
             description=description,
             spacing=spacing,
-            sensitive_values=frozenset(sensitive),
+            sensitive_values=sensitive,
             # Burned-in text is not removed (DICOM PS3.15 E.3.1), as in dicom-folder.
             pixels_may_identify=declared_clean < len(files),
             intensity_window=(p.window[0] - p.window[1] / 2, p.window[0] + p.window[1] / 2) if p.window else None,
             intensity_unit="HU" if set(facts["modality"]) == {"CT"} else "rescaled intensity units",
         )
 
-    def _volume(self, case: _Case, where: str, p: DicomSeriesParams, sensitive: set[str]) -> tuple[np.ndarray, dict]:
-        """The windowed ``D x H x W`` float32 volume of a case and its allowlisted facts."""
+    def _volume(
+        self, case: _Case, case_id: str, where: str, p: DicomSeriesParams, sensitive: dict[str, str]
+    ) -> tuple[np.ndarray, dict]:
+        """The windowed ``D x H x W`` float32 volume of a case and its allowlisted facts; the
+        headers' identifying values go into ``sensitive``."""
         if case.multi_frame:
             ds = read_dicom(case.slices[0].path, where)
             with quiet_pydicom():
-                harvest(ds.file_meta, sensitive)
-                harvest(ds, sensitive)
+                harvest(ds.file_meta, sensitive, f"case {case_id}")
+                harvest(ds, sensitive, f"case {case_id}")
                 values, info = read_pixels(ds, where, multi_frame=True)
                 distances = _frame_distances(ds, len(values), where)
                 fallback = _fallback_spacing(ds)
@@ -433,8 +440,8 @@ class DicomSeries(Dataset):
             for i in order:
                 ds = read_dicom(slices[i].path, where)
                 with quiet_pydicom():
-                    harvest(ds.file_meta, sensitive)
-                    harvest(ds, sensitive)
+                    harvest(ds.file_meta, sensitive, f"case {case_id}")
+                    harvest(ds, sensitive, f"case {case_id}")
                     plane, info = read_pixels(ds, where)
                     if fallback is None:
                         fallback = _fallback_spacing(ds)
@@ -453,8 +460,8 @@ class DicomSeries(Dataset):
             raise DataError(f"{where}: slices with different Pixel Spacing in one volume")
         if slice_spacing is None:
             slice_spacing = fallback
-        window = p.window if p.window is not None else infos[0]["window"]
-        volume = window_values(values, window)
+        voi = linear_window(*p.window) if p.window is not None else infos[0]["voi"]
+        volume = voi_values(values, voi)
         for i, info in enumerate(infos):
             if info["photometric"] == "MONOCHROME1":
                 volume[i] = 1.0 - volume[i]
@@ -466,7 +473,7 @@ class DicomSeries(Dataset):
             "stored": tuple(values.shape[1:]),
             "order": how,
             "kind": kind,
-            "window_source": "file" if infos[0]["window"] is not None else "minmax",
+            "window_source": "file" if infos[0]["voi"] is not None else "minmax",
             "spacing": (float(slice_spacing), *pixel[0]) if slice_spacing is not None and pixel[0] is not None else None,
         }
 
@@ -485,7 +492,7 @@ class DicomSeries(Dataset):
         if p.window is not None:
             window = f"window centre {p.window[0]:g}, width {p.window[1]:g} (from the spec)"
         else:
-            sources = (("the first slice's Window Center/Width", "file"), ("each volume's own min-max", "minmax"))
+            sources = (("the first slice's VOI LUT or Window Center/Width", "file"), ("each volume's own min-max", "minmax"))
             window = "window: " + ", ".join(f"{text} ({facts['window'][k]})" for text, k in sources if facts["window"][k])
         parts = [
             f"{self.name}: {n} DICOM volumes in {len(classes)} classes ("

@@ -12,9 +12,11 @@ images must share one shape.
 Privacy follows ``image-mask-folder``: case ids are pseudonyms of the file's path
 (relative to the images folder or the class folder) keyed with a secret derived from
 the files' contents; the names, stems and folder names of the files go into
-:attr:`LoadedData.sensitive_values` (class names excepted, since the report shows them),
+:attr:`LoadedData.sensitive_values` (class names excepted, since the report shows them, and
+ordinary names such as ``2000.png`` or ``summary.png``: :func:`medaudit.core.privacy.ordinary`),
 so the run refuses to write an output that holds one. Error messages name the file: they
-go to the user's own console only.
+go to the user's own console only; a CSV row whose file leads outside the images folder
+(through a symbolic link) is refused by its line number.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
+from medaudit.core.components import Dataset, InputPath, LoadedData, Params, Task
 from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import drop_public, file_name_values, leaked_values, pseudonym, pseudonym_key
@@ -40,6 +42,7 @@ from medaudit.plugins.image_folders import (
     class_folders,
     fingerprint_of,
     image_array,
+    inside,
     list_files,
     open_image,
     read_bytes,
@@ -91,7 +94,7 @@ def _read_images(
 
 def _describe(
     dataset: str, classes: list[str], labels: torch.Tensor, images: torch.Tensor, stored: Counter, size: int | None,
-    extra: list[str], sensitive: set[str],
+    extra: list[str], sensitive: dict[str, str],
 ) -> str:
     """Counts, shapes and intensity range; a part that happens to hold a sensitive value is dropped."""
     n, c, h, w = images.shape
@@ -115,8 +118,8 @@ def _describe(
 
 
 class ImageCsvParams(Params):
-    images: Path = Field(description="Folder of 2D images (png, tif, bmp, jpg) that the CSV's file column names.")
-    labels_csv: Path = Field(
+    images: InputPath = Field(description="Folder of 2D images (png, tif, bmp, jpg) that the CSV's file column names.")
+    labels_csv: InputPath = Field(
         description="CSV file (UTF-8, first row = column names) with one row per image: its file and its label."
     )
     file_column: str = Field(
@@ -141,11 +144,6 @@ class ImageCsvParams(Params):
     grayscale: bool = _grayscale_field()
     size: int | None = _size_field()
     max_cases: int | None = Field(None, ge=1, description="Read only the first cases (sorted by file path).")
-
-    @field_validator("images", "labels_csv", mode="before")
-    @classmethod
-    def _resolve(cls, value, info: ValidationInfo) -> Path:
-        return resolve_path(value, info)
 
     @field_validator("classes")
     @classmethod
@@ -256,21 +254,18 @@ class ImageCsv(Dataset):
             if key in listed:
                 raise DataError(f"{ds}: labels_csv {csv_name} lists file {key} twice (lines {listed[key]} and {line})")
             listed[key] = line
+            inside(p.images, p.images / key, f"{ds}: labels_csv {csv_name} line {line}: its file")
             if not (p.images / key).is_file():
                 raise DataError(f"{ds}: labels_csv {csv_name} line {line} names {key}, which is not in {p.images}")
             cases.append((key, line, label))
 
-        unlisted = sorted(set(list_files(p.images, IMAGE_SUFFIXES)) - set(listed))
+        unlisted = sorted(set(list_files(p.images, IMAGE_SUFFIXES, ds)) - set(listed))
         if unlisted and not p.ignore_unlisted:
             raise DataError(
                 f"{ds}: {len(unlisted)} image{'s' if len(unlisted) > 1 else ''} in {p.images} "
                 f"{'have' if len(unlisted) > 1 else 'has'} no row in {csv_name} (first: {unlisted[0]}); add rows for "
                 "them or set ignore_unlisted: true"
             )
-        sensitive: set[str] = set()
-        for rel in [*listed, *unlisted]:
-            sensitive |= file_name_values(rel)
-
         label_index, classes = _labels([(line, rel, label) for rel, line, label in cases], p.classes, csv_name, ds)
         order = sorted(range(len(cases)), key=lambda i: cases[i][0])
         if p.max_cases is not None:
@@ -282,6 +277,11 @@ class ImageCsv(Dataset):
         csv_hash = file_sha256(p.labels_csv)
         all_hashes = [("images/" + rel, h) for rel, h in hashes] + [("labels_csv", csv_hash)]
         key = pseudonym_key(h for _, h in all_hashes)
+        case_ids = {rel: pseudonym(key, rel) for rel in rels}
+        sensitive: dict[str, str] = {}
+        for rel in [*listed, *unlisted]:
+            source = f"file name of case {case_ids[rel]}" if rel in case_ids else "file name of an image not audited"
+            sensitive |= file_name_values(rel, source)
         sensitive = drop_public(sensitive, classes)
         extra = []
         if len(rels) < len(cases):
@@ -291,11 +291,11 @@ class ImageCsv(Dataset):
         return LoadedData(
             images=images,
             labels=labels,
-            case_ids=[pseudonym(key, rel) for rel in rels],
+            case_ids=list(case_ids.values()),
             class_names=classes,
             fingerprint=fingerprint_of(all_hashes, p.model_dump(mode="json", exclude={"images", "labels_csv"})),
             description=_describe(ds, classes, labels, images, stored, p.size, extra, sensitive),
-            sensitive_values=frozenset(sensitive),
+            sensitive_values=sensitive,
         )
 
 
@@ -303,7 +303,7 @@ class ImageCsv(Dataset):
 
 
 class ImageFolderParams(ClassFolderParams):
-    path: Path = Field(
+    path: InputPath = Field(
         description="Root folder with one subfolder of 2D images (png, tif, bmp, jpg) per class; class folders are "
         "not searched recursively."
     )
@@ -332,16 +332,13 @@ class ImageFolder(Dataset):
         classes, ignored_folders = class_folders(p.path, p.classes, ds)
         per_class: list[list[str]] = []
         ignored_files = 0
-        sensitive: set[str] = set()
         for cls in classes:
             folder = p.path / cls
-            names = sorted(list_files(folder, IMAGE_SUFFIXES))
+            names = sorted(list_files(folder, IMAGE_SUFFIXES, ds))
             if not names:
                 raise DataError(f"{ds}: class folder {cls!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             ignored_files += sum(1 for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")) - len(names)
             per_class.append([f"{cls}/{name}" for name in names])
-            for name in names:
-                sensitive |= file_name_values(name)
 
         cases: list[tuple[int, str]] = []  # (label, class/file), taken in turn from each class
         total = sum(len(files) for files in per_class)
@@ -356,6 +353,11 @@ class ImageFolder(Dataset):
         images, hashes, stored = _read_images(p.path, [rel for _, rel in cases], p, ds)
         labels = torch.tensor([label for label, _ in cases], dtype=torch.long)
         key = pseudonym_key(h for _, h in hashes)
+        case_ids = {rel: pseudonym(key, rel) for _, rel in cases}
+        sensitive: dict[str, str] = {}
+        for rel in (rel for files in per_class for rel in files):
+            source = f"file name of case {case_ids[rel]}" if rel in case_ids else "file name of an image not audited"
+            sensitive |= file_name_values(rel.split("/", 1)[1], source)
         sensitive = drop_public(sensitive, classes)
         extra = []
         if len(cases) < total:
@@ -367,11 +369,11 @@ class ImageFolder(Dataset):
         return LoadedData(
             images=images,
             labels=labels,
-            case_ids=[pseudonym(key, rel) for _, rel in cases],
+            case_ids=list(case_ids.values()),
             class_names=list(classes),
             fingerprint=fingerprint_of(hashes, p.model_dump(mode="json", exclude={"path"})),
             description=_describe(ds, classes, labels, images, stored, p.size, extra, sensitive),
-            sensitive_values=frozenset(sensitive),
+            sensitive_values=sensitive,
         )
 
 

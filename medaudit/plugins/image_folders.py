@@ -10,8 +10,10 @@ derived from the files' contents, never written out) because file names often ca
 patient identifiers; neither the case ids nor the description contain file names, and the
 names and stems of the files read go into :attr:`LoadedData.sensitive_values`, so the run
 refuses to write an output that holds one (a name that is part of a class name is left
-out: the report shows class names anyway). Error messages do name the file (they go to the
-user's own console only), so a bad file is easy to find and fix.
+out: the report shows class names anyway; so are ordinary names, see
+:func:`medaudit.core.privacy.ordinary`). Error messages do name the file (they go to the
+user's own console only), so a bad file is easy to find and fix. Every file must lie inside
+its folder once symbolic links are resolved (:func:`inside`).
 
 The helpers in this module (listing, matching, fingerprints, reading 2D images) are shared
 by the other file-based datasets.
@@ -28,10 +30,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
+from medaudit.core.components import Dataset, InputPath, LoadedData, Params, Task
 from medaudit.core.errors import DataError
 from medaudit.core.privacy import drop_public, file_name_values, pseudonym, pseudonym_key
 
@@ -51,13 +53,30 @@ def check_folder(path: Path, what: str, dataset: str) -> None:
         raise DataError(f"{dataset}: {what} folder not found: {path}")
 
 
-def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
-    """Names of the visible files in ``folder`` (not recursive) ending in one of ``suffixes``."""
-    return [
+def inside(root: Path, path: Path, where: str) -> Path:
+    """``path`` with its links resolved, refused when that leaves ``root``: a link in a data
+    folder (``images/root -> /``) must not let a spec or a CSV row read any file on the machine.
+    ``where`` names the entry for the message (a CSV line, a file of the data set, a case)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise DataError(
+            f"{where} leads outside {root} (through a symbolic link); data files must lie inside their folder: copy "
+            "the file in, or point the spec at a folder that holds it"
+        )
+    return resolved
+
+
+def list_files(folder: Path, suffixes: tuple[str, ...], dataset: str) -> list[str]:
+    """Names of the visible files in ``folder`` (not recursive) ending in one of ``suffixes``;
+    each must lie inside ``folder`` once links are resolved (:func:`inside`)."""
+    names = [
         f.name
         for f in folder.iterdir()
         if f.is_file() and f.name.lower().endswith(suffixes) and not f.name.startswith(".")
     ]
+    for name in names:
+        inside(folder, folder / name, f"{dataset}: {name} in {folder}")
+    return names
 
 
 def match_by_key(
@@ -137,17 +156,12 @@ def check_class_names(value: list[str] | None) -> list[str] | None:
 class ClassFolderParams(Params):
     """Params of the datasets that read one subfolder per class: ``path`` and ``classes``."""
 
-    path: Path = Field(description="Root folder with one subfolder per class.")
+    path: InputPath = Field(description="Root folder with one subfolder per class.")
     classes: list[str] | None = Field(
         None,
         description="Class subfolders in label order (0, 1, ...); other subfolders are ignored. Default: all "
         "subfolders, sorted by name.",
     )
-
-    @field_validator("path", mode="before")
-    @classmethod
-    def _resolve(cls, value, info: ValidationInfo) -> Path:
-        return resolve_path(value, info)
 
     @field_validator("classes")
     @classmethod
@@ -166,10 +180,12 @@ def class_folders(root: Path, classes: list[str] | None, dataset: str) -> tuple[
     if classes is None:
         if not folders:
             raise DataError(f"{dataset}: no class subfolders in {root}; put each class's files in a subfolder")
-        return folders, 0
+        classes = folders
     missing = [c for c in classes if c not in folders]
     if missing:
         raise DataError(f"{dataset}: class folder {missing[0]!r} not found in {root}")
+    for name in classes:
+        inside(root, root / name, f"{dataset}: class folder {name!r}")
     return list(classes), len(folders) - len(classes)
 
 
@@ -182,8 +198,8 @@ def read_bytes(path: Path) -> tuple[bytes, str]:
 
 
 class ImageMaskFolderParams(Params):
-    images: Path = Field(description="Folder of 2D images (png, tif, bmp, jpg); not searched recursively.")
-    masks: Path = Field(
+    images: InputPath = Field(description="Folder of 2D images (png, tif, bmp, jpg); not searched recursively.")
+    masks: InputPath = Field(
         description="Folder of masks with the same file stems as the images (lossless: png, tif, bmp)."
     )
     grayscale: bool = Field(True, description="Convert images to one channel; false gives three (RGB).")
@@ -202,11 +218,6 @@ class ImageMaskFolderParams(Params):
         "binary masks saved as 0/255). Default: pixel values are the class indices.",
     )
     max_cases: int | None = Field(None, ge=1, description="Read only the first cases (sorted by file name).")
-
-    @field_validator("images", "masks", mode="before")
-    @classmethod
-    def _resolve(cls, value, info: ValidationInfo) -> Path:
-        return resolve_path(value, info)
 
     @field_validator("mask_values")
     @classmethod
@@ -300,8 +311,8 @@ class ImageMaskFolder(Dataset):
         ds = self.name
         check_folder(p.images, "images", ds)
         check_folder(p.masks, "masks", ds)
-        image_names = list_files(p.images, IMAGE_SUFFIXES)
-        mask_names = list_files(p.masks, MASK_SUFFIXES + LOSSY_SUFFIXES)
+        image_names = list_files(p.images, IMAGE_SUFFIXES, ds)
+        mask_names = list_files(p.masks, MASK_SUFFIXES + LOSSY_SUFFIXES, ds)
         if not image_names:
             raise DataError(f"{ds}: no images ({', '.join(IMAGE_SUFFIXES)}) in {p.images}")
         if not mask_names:
@@ -315,10 +326,8 @@ class ImageMaskFolder(Dataset):
             pairs = pairs[: p.max_cases]
 
         images, masks, hashes = [], [], []
-        sensitive: set[str] = set()
         shape: tuple[int, int] | None = None
         for image_name, mask_name in pairs:
-            sensitive |= file_name_values(image_name) | file_name_values(mask_name)
             if Path(mask_name).suffix.lower() in LOSSY_SUFFIXES:
                 raise DataError(f"{ds}: mask {mask_name} is a JPEG; JPEG is lossy and alters labels, save masks as PNG")
             image_bytes, image_hash = read_bytes(p.images / image_name)
@@ -355,6 +364,10 @@ class ImageMaskFolder(Dataset):
         fingerprint = fingerprint_of(hashes, p.model_dump(mode="json", exclude={"images", "masks"}))
         key = pseudonym_key(h for _, h in hashes)
         case_ids = [pseudonym(key, image_name) for image_name, _ in pairs]
+        sensitive: dict[str, str] = {}
+        for (image_name, mask_name), case in zip(pairs, case_ids):
+            sensitive |= file_name_values(image_name, f"file name of case {case}")
+            sensitive |= file_name_values(mask_name, f"mask file name of case {case}")
         n, c, h, w = images_t.shape
         description = (
             f"{ds}: {n} cases, {c} x {h} x {w} ({'grayscale' if c == 1 else 'RGB'}"
@@ -372,7 +385,7 @@ class ImageMaskFolder(Dataset):
             masks=masks_t,
             mask_class_names=names,
             description=description,
-            sensitive_values=frozenset(drop_public(sensitive, ["image", *names])),
+            sensitive_values=drop_public(sensitive, ["image", *names]),
         )
 
     def _map_values(self, mask: np.ndarray, values: list[int], rel: str) -> np.ndarray:

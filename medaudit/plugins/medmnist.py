@@ -28,10 +28,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Dataset, LoadedData, Params, Task, resolve_path
+from medaudit.core.components import Dataset, InputPath, LoadedData, Params, Task
 from medaudit.core.errors import DataError
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import pseudonym, pseudonym_key
@@ -41,7 +41,7 @@ SPLITS = ("train", "val", "test")
 
 
 class MedMnistParams(Params):
-    path: Path = Field(description="Local MedMNIST .npz file (e.g. pathmnist.npz); never downloaded.")
+    path: InputPath = Field(description="Local MedMNIST .npz file (e.g. pathmnist.npz); never downloaded.")
     split: Literal["train", "val", "test"] = Field("test", description="Which split to read: train, val or test.")
     classes: list[str] | None = Field(
         None,
@@ -49,11 +49,6 @@ class MedMnistParams(Params):
         "class0..classK-1 from the largest label in the file.",
     )
     max_cases: int | None = Field(None, ge=1, description="Read only the first cases of the split (in stored order).")
-
-    @field_validator("path", mode="before")
-    @classmethod
-    def _resolve(cls, value, info: ValidationInfo) -> Path:
-        return resolve_path(value, info)
 
     @field_validator("classes")
     @classmethod

@@ -244,6 +244,8 @@ class OnnxLoader(ModelLoader):
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     dims = frozenset({2, 3})
     Params = OnnxParams
+    access = frozenset({Access.SCORES, Access.DECISIONS})
+    access_reason = NO_GRADIENTS
 
     def load(self, task: Task) -> LoadedModel:
         p: OnnxParams = self.params
@@ -269,12 +271,12 @@ class OnnxLoader(ModelLoader):
             task=task,
             num_classes=classes,
             in_channels=in_channels,
-            access=frozenset({Access.SCORES, Access.DECISIONS}),
+            access=self.access,
             fingerprint=digest,
             description=f"ONNX graph {p.path.name} run by onnxruntime {ort.__version__} (input {graph.input_name} "
             f"{_shape_text(graph.input_shape)}, {classes} classes; scores only, no gradients)",
             source={"onnx": str(p.path)},
-            access_reason=NO_GRADIENTS,
+            access_reason=self.access_reason,
         )
 
 

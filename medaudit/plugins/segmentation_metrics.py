@@ -8,6 +8,7 @@ Empty masks follow the convention of :mod:`medaudit.core.segmentation`.
 
 from __future__ import annotations
 
+import math
 from statistics import fmean
 
 from medaudit import hookimpl
@@ -15,6 +16,7 @@ from medaudit.core.components import Metric, MetricValue, Task
 from medaudit.core.segmentation import case_mean
 
 SEG = frozenset({Task.SEGMENTATION})
+UNIT = (0.0, 1.0)
 
 #: ROG's criterion: a case is broken when its Dice falls below this fraction of the mean
 #: clean Dice of the data set.
@@ -35,6 +37,7 @@ class _CaseMean(Metric):
 
     tasks = SEG
     field = ""
+    bounds = UNIT
 
     def compute(self, records):
         return _mean([case_mean(r[self.field]) for r in records if r.get(self.field) is not None])
@@ -67,19 +70,19 @@ class RobustIoU(_CaseMean):
 class CleanHD95(_CaseMean):
     """Mean 95th-percentile Hausdorff distance over cases on unperturbed inputs (pixels, or mm with spacing)."""
 
-    name, field, clean, better = "clean_hd95", "clean_hd95", True, "lower"
+    name, field, clean, better, bounds = "clean_hd95", "clean_hd95", True, "lower", (0.0, math.inf)
 
 
 class RobustHD95(_CaseMean):
     """Mean 95th-percentile Hausdorff distance over cases under attack (pixels, or mm with spacing)."""
 
-    name, field, better = "robust_hd95", "adv_hd95", "lower"
+    name, field, better, bounds = "robust_hd95", "adv_hd95", "lower", (0.0, math.inf)
 
 
 class CleanPixelAccuracy(Metric):
     """Mean fraction of correctly labelled pixels (voxels) per case on unperturbed inputs."""
 
-    name, clean, tasks = "clean_pixel_accuracy", True, SEG
+    name, clean, tasks, bounds = "clean_pixel_accuracy", True, SEG, UNIT
 
     def compute(self, records):
         return _mean([r["clean_pixel_accuracy"] for r in records])
@@ -88,7 +91,7 @@ class CleanPixelAccuracy(Metric):
 class RobustPixelAccuracy(Metric):
     """Mean fraction of correctly labelled pixels (voxels) per case under attack."""
 
-    name, tasks = "robust_pixel_accuracy", SEG
+    name, tasks, bounds = "robust_pixel_accuracy", SEG, UNIT
 
     def compute(self, records):
         return _mean([r["adv_pixel_accuracy"] for r in records])
@@ -98,7 +101,7 @@ class BrokenCaseRate(Metric):
     """Fraction of cases an attack breaks: Dice under attack below half the mean clean Dice
     of the data set (ROG's success criterion, Daza et al. MICCAI 2021)."""
 
-    name, better, tasks = "broken_case_rate", "lower", SEG
+    name, better, tasks, bounds = "broken_case_rate", "lower", SEG, UNIT
 
     def compute(self, records):
         if not records:
@@ -112,7 +115,7 @@ class TargetDice(Metric):
     """Targeted attacks: mean Dice between the prediction under attack and the attacker's
     target mask (higher means the attacker steered the segmentation further)."""
 
-    name, better, tasks = "target_dice", "lower", SEG
+    name, better, tasks, bounds = "target_dice", "lower", SEG, UNIT
 
     def compute(self, records):
         return _mean([case_mean(r["target_dice"]) for r in records if r.get("target_dice") is not None])
@@ -124,7 +127,7 @@ class TargetSuccessRate(Metric):
     target changes. (ASMA's criterion, 99% of all pixels, would call an erased 10-pixel
     lesion a success before any attack; this one asks for the change itself.)"""
 
-    name, better, tasks = "target_success_rate", "lower", SEG
+    name, better, tasks, bounds = "target_success_rate", "lower", SEG, UNIT
 
     def compute(self, records):
         flags = [r["target_hit"] >= TARGET_MATCH for r in records if r.get("target_hit") is not None]

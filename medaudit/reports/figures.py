@@ -6,7 +6,10 @@ lists them with a caption saying what they show and from which data, and the HTM
 them as data URIs (the report stays one file). Grad-CAM uses the last ``nn.Conv2d`` and
 the embedding the input of the last ``nn.Linear``, both in module order (see
 :mod:`medaudit.core.probes`); a model without one gets no such figure, and a log line
-(INFO) says why.
+(INFO) says why. Class names and attack labels are cut to
+:data:`medaudit.core.text.LABEL_LENGTH` characters (:func:`~medaudit.core.text.label`):
+matplotlib lays out every character of a label, and a 100 KB class name took it most of an
+hour; the report's data section lists the names in full.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Any
 import torch
 
 from medaudit.audits.records import FEATURE_CASES, load_examples, load_features, read_records
-from medaudit.audits.spec import NO_DEFENSE, WORST_CASE, epsilon_label
+from medaudit.audits.rundir import write_atomic
+from medaudit.audits.spec import NO_DEFENSE, WORST_CASE
 from medaudit.core.segmentation import case_mean, dice_per_class
+from medaudit.core.text import label as short
 
 
 def _pyplot():
@@ -39,8 +44,7 @@ def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _class_cmap(num_classes: int):
@@ -53,10 +57,12 @@ def _class_cmap(num_classes: int):
 def robustness_figure(rows: list[dict], metric: str, label: str, path: Path) -> dict[str, Any] | None:
     """Metric against epsilon, one line per attack, the worst case in bold (undefended model)."""
     curves: dict[str, list[tuple[float, float]]] = {}
+    ticks: dict[float, str] = {}  # each budget labelled as the tables write it (grey levels for L-inf only)
     for row in rows:
         value = (row["metrics"].get(metric) or {}).get("value")
         if row["defense"] == NO_DEFENSE and value is not None:
-            curves.setdefault(row["attack"], []).append((row["epsilon"] * 255, value))
+            curves.setdefault(row["attack"], []).append((row["epsilon"], value))
+            ticks[row["epsilon"]] = row["epsilon_label"]
     if not curves:
         return None
     plt = _pyplot()
@@ -64,8 +70,9 @@ def robustness_figure(rows: list[dict], metric: str, label: str, path: Path) -> 
     for attack, points in curves.items():
         xs, ys = zip(*sorted(points))
         worst = attack == WORST_CASE
-        ax.plot(xs, ys, marker="o", lw=3 if worst else 1.2, color="black" if worst else None, label=attack, zorder=3 if worst else 2)
-    ax.set_xlabel("epsilon (grey levels of 255)")
+        ax.plot(xs, ys, marker="o", lw=3 if worst else 1.2, color="black" if worst else None, label=short(attack), zorder=3 if worst else 2)
+    ax.set_xticks(list(ticks), list(ticks.values()), fontsize=8)
+    ax.set_xlabel("epsilon")
     ax.set_ylabel(label)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -127,7 +134,7 @@ def overlay_figure(run_dir: Path, jobs: list, eps: float, class_names: list[str]
             else:
                 ax.imshow(m.numpy(), cmap=cmap, vmin=0, vmax=num_classes - 1, interpolation="nearest")
         _factor_label(axes[r][4], factor)
-        axes[r][0].set_ylabel(attack, fontsize=8)
+        axes[r][0].set_ylabel(short(attack), fontsize=8)
         axes[r][5].set_xlabel(f"Dice {dc:.2f} -> {da:.2f}", fontsize=8)
     from matplotlib.patches import Patch
 
@@ -137,7 +144,7 @@ def overlay_figure(run_dir: Path, jobs: list, eps: float, class_names: list[str]
         left=0.3 / width, right=1 - 0.05 / width, bottom=0.6 / height, top=1 - 0.3 / height, wspace=0.06, hspace=0.3
     )
     fig.legend(
-        handles=[Patch(color=cmap(k), label=n) for k, n in enumerate(names)],
+        handles=[Patch(color=cmap(k), label=short(n)) for k, n in enumerate(names)],
         loc="lower center", ncol=min(num_classes, 6), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0),
     )
     _save(fig, path)
@@ -176,7 +183,7 @@ def _factor_label(ax, factor: float | None) -> None:
 
 
 def _name(class_names: list[str], k: int) -> str:
-    return class_names[k] if 0 <= k < len(class_names) else f"class {k}"
+    return short(class_names[k]) if 0 <= k < len(class_names) else f"class {k}"
 
 
 def _imshow(ax, image: torch.Tensor, **kwargs) -> None:
@@ -241,12 +248,12 @@ def examples_figure(run_dir: Path, jobs: list, eps: float, class_names: list[str
                              color="#c0392b" if adv != truth else "black")
         ax_delta.set_title(f"{head[2]}max |change| {float(delta.abs().max()) * 255:.2g}/255", fontsize=8)
         _factor_label(ax_delta, factor)
-        ax_orig.set_ylabel(f"{job.attack} {epsilon_label(eps)}", fontsize=9)
+        ax_orig.set_ylabel(f"{short(job.attack)} {job.epsilon_label}", fontsize=9)
     _save(fig, path)
     return {
         "id": path.stem,
         "title": "Original, adversarial and perturbation",
-        "caption": f"One row per attack at epsilon {epsilon_label(eps)} on the undefended model, all on the same case: "
+        "caption": f"One row per attack at epsilon {saved[0][0].epsilon_label} on the undefended model, all on the same case: "
         "of the first cases of the data set that the model classifies correctly, the one that the most attacks fool. "
         "Columns: the original image with its true class and the clean prediction, the adversarial image with the "
         "prediction on it (red: the attack changed it), and the perturbation (adversarial minus original), amplified "
@@ -285,7 +292,7 @@ def grad_cam_figure(run_dir: Path, job, model, class_names: list[str], path: Pat
             axes[1][i].set_title(f"adversarial pred.: {_name(class_names, adv)}", fontsize=8,
                                  color="#c0392b" if adv != truth else "black")
     axes[0][0].set_ylabel("clean", fontsize=9)
-    axes[1][0].set_ylabel(f"{job.attack} {epsilon_label(job.epsilon)}", fontsize=9)
+    axes[1][0].set_ylabel(f"{short(job.attack)} {job.epsilon_label}", fontsize=9)
     fig.tight_layout()
     bar = fig.colorbar(overlay, ax=axes, fraction=0.025, pad=0.02)
     bar.set_label("Grad-CAM (each map / its max)", fontsize=8)
@@ -295,8 +302,8 @@ def grad_cam_figure(run_dir: Path, job, model, class_names: list[str], path: Pat
         "id": path.stem,
         "title": "Where the model looks: Grad-CAM, clean and adversarial",
         "caption": f"Grad-CAM of the predicted class at the model's last Conv2d layer (in module order), on the first "
-        f"{n} cases of the data set: clean images (top) and their adversarial versions under {job.attack} at epsilon "
-        f"{epsilon_label(job.epsilon)} (bottom), the attack that left the undefended model the lowest robust accuracy "
+        f"{n} cases of the data set: clean images (top) and their adversarial versions under {short(job.attack)} at epsilon "
+        f"{job.epsilon_label} (bottom), the attack that left the undefended model the lowest robust accuracy "
         "at the largest budget. Each map is upsampled to the image and scaled to its own maximum (red: most "
         "attention). Data: examples/ in the run directory and the audited model.",
         "path": f"figures/{path.name}",
@@ -389,7 +396,7 @@ def embedding_figure(run_dir: Path, jobs: list, job, class_names: list[str], pat
         "title": "Deep features, clean and adversarial",
         "caption": f"{method.split(' (')[0]} embedding in 2D of the undefended model's penultimate features (the input "
         f"of its last Linear layer) for {n} cases: of the first {FEATURE_CASES} of the data set, those "
-        f"{job.attack} attacked at epsilon {epsilon_label(job.epsilon)} (the cases classified correctly when clean; "
+        f"{short(job.attack)} attacked at epsilon {job.epsilon_label} (the cases classified correctly when clean; "
         "the attack that left the lowest robust accuracy at the largest budget). Each case appears twice, clean "
         f"(blue) and adversarial (red), embedded jointly ({2 * n} points); the marker gives its true class. Axes "
         "have no units. Data: examples/*.features.pt in the run directory.",

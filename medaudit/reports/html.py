@@ -1,7 +1,10 @@
 """report.html: one self-contained file rendered from results.json alone.
 
-Autoescaping is on for every template; sections are plugins (``register_report_sections``)
-rendered in ``order``. No external requests: inline CSS, data-URI images only, and a
+Autoescaping is on for every template, and every printed value first goes through
+:func:`medaudit.core.text.printable` (the environment's ``finalize``), so no control or bidi
+character from a spec, data set or plugin reaches the page; the ``label`` filter also caps a
+class name or attack label in a table cell (the data section lists class names in full).
+Sections are plugins (``register_report_sections``) rendered in ``order``. No external requests: inline CSS, data-URI images only, and a
 Content-Security-Policy that forbids everything else.
 """
 
@@ -19,6 +22,7 @@ from markupsafe import Markup
 import medaudit
 from medaudit.audits.rundir import write_atomic
 from medaudit.core.host import Host
+from medaudit.core.text import label, printable
 from medaudit.reports.figures import data_uri
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -49,10 +53,21 @@ def metric_text(value: dict | None) -> str:
     return _num(value["value"])
 
 
+def _printable(value: Any) -> Any:
+    """Every ``{{ }}`` value, before autoescaping: text made printable, markup kept markup."""
+    if isinstance(value, Markup):
+        return Markup(printable(value))
+    return printable(value) if isinstance(value, str) else value
+
+
 def make_environment(extra_dirs: list[Path] = ()) -> jinja2.Environment:
     loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader([str(d) for d in extra_dirs]), jinja2.FileSystemLoader(str(TEMPLATES))])
-    env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=_pct, num=_num, metric=metric_text, tojson_pretty=lambda v: json.dumps(v, indent=2, default=str))
+    env = jinja2.Environment(
+        loader=loader, autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        finalize=_printable,
+    )
+    env.filters.update(pct=_pct, num=_num, metric=metric_text, label=label,
+                       tojson_pretty=lambda v: json.dumps(v, indent=2, default=str))
     return env
 
 
