@@ -226,6 +226,9 @@ def test_the_probe_findings_are_in_results_json(tmp_path):
     }
     for check_id in ("outputs_finite", "model_deterministic", "weights_unchanged"):
         assert check(res, check_id)["status"] == "PASS", check(res, check_id)
+    assert CliRunner().invoke(cli, ["report", str(out)]).exit_code == 0
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "ran twice on the first 8 cases: finite logits, identical in both passes; weights unchanged" in report
 
 
 # -- item 3: randomness and weights that change ------------------------------------------
