@@ -463,6 +463,7 @@ class DicomFolder(Dataset):
         case_ids = [pseudonym(key, rel) for rel, _ in hashes]
 
         sensitive: dict[str, str] = {}
+        spec_voi = linear_window(*p.window) if p.window is not None else None
         images: list[torch.Tensor] = []
         facts: dict[str, Counter] = {k: Counter() for k in ("modality", "stored", "bits", "photometric", "window")}
         spacings: list[float] = []
@@ -487,7 +488,7 @@ class DicomFolder(Dataset):
             else:
                 spacings += info["spacing"]
 
-            voi = linear_window(*p.window) if p.window is not None else info["voi"]
+            voi = spec_voi if spec_voi is not None else info["voi"]
             facts["window"]["spec" if p.window is not None else ("file" if voi is not None else "minmax")] += 1
             image = voi_values(values, voi)
             if info["photometric"] == "MONOCHROME1":

@@ -53,17 +53,15 @@ def check_folder(path: Path, what: str, dataset: str) -> None:
         raise DataError(f"{dataset}: {what} folder not found: {path}")
 
 
-def inside(root: Path, path: Path, where: str) -> Path:
-    """``path`` with its links resolved, refused when that leaves ``root``: a link in a data
+def inside(root: Path, path: Path, where: str) -> None:
+    """Refuse ``path`` when, with its links resolved, it leaves ``root``: a link in a data
     folder (``images/root -> /``) must not let a spec or a CSV row read any file on the machine.
     ``where`` names the entry for the message (a CSV line, a file of the data set, a case)."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    if not path.resolve().is_relative_to(root.resolve()):
         raise DataError(
             f"{where} leads outside {root} (through a symbolic link); data files must lie inside their folder: copy "
             "the file in, or point the spec at a folder that holds it"
         )
-    return resolved
 
 
 def list_files(folder: Path, suffixes: tuple[str, ...], dataset: str) -> list[str]:
