@@ -27,7 +27,7 @@ import torch
 from medaudit.core.components import Norm
 from medaudit.core.environment import require_torchvision
 from medaudit.core.models import PixelSpaceModel, prepare_for_audit
-from medaudit.plugins.gradient_attacks import PGD, PGDParams
+from medaudit.plugins.attacks.gradient import PGD, PGDParams
 
 STEPS, EPS, BATCH, SIZE = 10, 4 / 255, 32, 64
 
@@ -135,7 +135,7 @@ def main() -> None:
 def dense_pgd(device: torch.device, reps: int) -> dict:
     """Dense PGD on a U-Net against steps x (forward + backward of the per-pixel loss)."""
     from medaudit.core.perturbation import per_sample_loss
-    from medaudit.plugins.segmentation_models import SmpParams, build_smp
+    from medaudit.plugins.models.smp import SmpParams, build_smp
 
     torch.manual_seed(0)
     net = build_smp(SmpParams(arch="Unet", encoder="resnet18", in_channels=1, classes=5))
@@ -160,9 +160,9 @@ def dense_pgd(device: torch.device, reps: int) -> dict:
 def autoattack_on_demo(device: torch.device, n: int) -> dict:
     """AutoAttack (standard settings) on the demo model, kept for comparison across versions."""
     from medaudit.core.components import Task
-    from medaudit.plugins.autoattack import AutoAttack
-    from medaudit.plugins.demo_model import DemoModel, DemoParams
-    from medaudit.plugins.phantom import Phantom, PhantomParams
+    from medaudit.plugins.attacks.autoattack import AutoAttack
+    from medaudit.plugins.models.demo import DemoModel, DemoParams
+    from medaudit.plugins.datasets.phantom import Phantom, PhantomParams
 
     model = DemoModel(DemoParams()).load(Task.CLASSIFICATION).module.to(device)
     data = Phantom(PhantomParams(n=n, size=64, seed=0)).load()

@@ -1,10 +1,48 @@
 """medaudit: audit the adversarial robustness of medical image models.
 
-Plugin authors need only ``from medaudit import hookimpl`` and the base classes in
-:mod:`medaudit.core.components`.
+A plugin needs only this package's top level: ``from medaudit import hookimpl`` and the
+base classes re-exported here from :mod:`medaudit.core.components` (Attack, Dataset,
+Defense, Metric, ModelLoader, ReportSection and the types they use).
 """
 
+from medaudit.core.components import (
+    Access,
+    Attack,
+    AttackContext,
+    Dataset,
+    Defense,
+    InputPath,
+    LoadedData,
+    LoadedModel,
+    Metric,
+    MetricValue,
+    MinimumNormAttack,
+    ModelLoader,
+    Norm,
+    Params,
+    ReportSection,
+    Task,
+)
 from medaudit.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "__version__"]
+__all__ = [
+    "Access",
+    "Attack",
+    "AttackContext",
+    "Dataset",
+    "Defense",
+    "InputPath",
+    "LoadedData",
+    "LoadedModel",
+    "Metric",
+    "MetricValue",
+    "MinimumNormAttack",
+    "ModelLoader",
+    "Norm",
+    "Params",
+    "ReportSection",
+    "Task",
+    "__version__",
+    "hookimpl",
+]

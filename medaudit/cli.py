@@ -137,8 +137,8 @@ def run(
     """Run the audit described by SPEC and write its report."""
     from medaudit.audits.plan import check_model_access
     from medaudit.audits.runner import Runner
-    from medaudit.audits.spec import load_spec
     from medaudit.core.environment import require_torchvision
+    from medaudit.core.spec import load_spec
 
     if resume_dir is not None and run_dir is not None:
         raise MedauditError("--resume and --run-dir exclude each other: --resume already names the run directory")
@@ -179,7 +179,7 @@ def validate(spec_path: Path) -> None:
     """Check SPEC without running anything: structure, every plugin's params, that input
     paths exist, and that the model gives what the attacks need (when its loader says)."""
     from medaudit.audits.plan import check_model_access, plan_jobs
-    from medaudit.audits.spec import load_spec
+    from medaudit.core.spec import load_spec
 
     host = _host()
     spec = load_spec(spec_path, host)
@@ -224,7 +224,7 @@ def plugins(as_json: bool) -> None:
 @handle_errors
 def schema() -> None:
     """Print the JSON Schema of audit specs, with every registered plugin's params."""
-    from medaudit.audits.spec import spec_json_schema
+    from medaudit.core.spec import spec_json_schema
 
     click.echo(json.dumps(spec_json_schema(_host()), indent=2))
 

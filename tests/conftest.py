@@ -40,7 +40,7 @@ def host():
 def demo_model():
     """The example's demo classifier, trained once per test session."""
     from medaudit.core.components import Task
-    from medaudit.plugins.demo_model import DemoModel, DemoParams
+    from medaudit.plugins.models.demo import DemoModel, DemoParams
 
     return DemoModel(DemoParams(**DEMO)).load(Task.CLASSIFICATION)
 
@@ -54,7 +54,7 @@ DEMO_UNET_3D = {"dims": 3, "image_size": 32, "depth": 16, "train_size": 64, "ste
 def seg_model():
     """The 2D segmentation example's demo U-Net (smp, 5 phantom classes, 64 px)."""
     from medaudit.core.components import Task
-    from medaudit.plugins.demo_model import DemoUNet, DemoUNetParams
+    from medaudit.plugins.models.demo import DemoUNet, DemoUNetParams
 
     return DemoUNet(DemoUNetParams(**DEMO_UNET_2D)).load(Task.SEGMENTATION)
 
@@ -62,14 +62,14 @@ def seg_model():
 @pytest.fixture(scope="session")
 def seg_data():
     """32 phantom slices at 64 px with their 5-class masks."""
-    from medaudit.plugins.phantom import Phantom, PhantomParams
+    from medaudit.plugins.datasets.phantom import Phantom, PhantomParams
 
     return Phantom(PhantomParams(n=32, size=64, seed=0)).load()
 
 
 @pytest.fixture(scope="session")
 def demo_data():
-    from medaudit.plugins.phantom import Phantom, PhantomParams
+    from medaudit.plugins.datasets.phantom import Phantom, PhantomParams
 
     return Phantom(PhantomParams(n=96, size=64, seed=0)).load()
 

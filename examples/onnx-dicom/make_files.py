@@ -6,7 +6,7 @@
 Writes, into OUTDIR (new or empty):
 
 * ``demo-classifier.onnx``: the built-in ``demo`` classifier (trained on first use, then
-  cached; see ``medaudit.plugins.demo_model``) with its normalisation, exported with
+  cached; see ``medaudit.plugins.models.demo``) with its normalisation, exported with
   ``torch.onnx.export`` and a dynamic batch axis; it takes pixel-space input in [0, 1].
 * ``dicom/normal/*.dcm`` and ``dicom/nodule/*.dcm``: ``--n`` phantom slices (the built-in
   ``phantom`` dataset, seed 0: disjoint from the demo model's training slices) as
@@ -33,9 +33,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medaudit.core.components import Task
 from medaudit.core.models import file_sha256
-from medaudit.plugins.demo_model import DemoModel, DemoParams
-from medaudit.plugins.onnx_model import export_onnx
-from medaudit.plugins.phantom import CLASS_NAMES, Phantom, PhantomParams
+from medaudit.plugins.models.demo import DemoModel, DemoParams
+from medaudit.plugins.models.onnx import export_onnx
+from medaudit.plugins.datasets.phantom import CLASS_NAMES, Phantom, PhantomParams
 
 TEMPLATE = Path(__file__).with_name("audit.yaml")
 #: Stored value = round(STORED_MAX * pixel); HU = stored + INTERCEPT.

@@ -2,56 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 
-from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
 from medaudit.core.components import Access, LoadedModel
 from medaudit.core.errors import SpecError
 from medaudit.core.host import Host
-
-CLEAN = "clean"
-#: Appended to an attack's label for its run against a defense's adaptive view.
-ADAPTIVE_SUFFIX = "@adaptive"
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One unit of work whose per-sample records are written to ``records/<id>.jsonl``.
-
-    A ``clean`` job evaluates a (defended) model on unperturbed data; attack jobs attack
-    only the samples that model classifies correctly (the others are already errors).
-    """
-
-    id: str
-    defense: str
-    attack: str  #: attack label (``<label>@adaptive`` for an adaptive attack), or ``clean``
-    attack_name: str | None
-    epsilon: float
-    config: dict
-    #: Attack the defense's adaptive view (BPDA/EOT) instead of the defended model as it is.
-    adaptive: bool = False
-
-    @property
-    def spec_attack(self) -> str:
-        """The attack's label in the spec (an adaptive twin shares its attack's)."""
-        return self.attack.removesuffix(ADAPTIVE_SUFFIX)
-
-    @property
-    def is_clean(self) -> bool:
-        return self.attack == CLEAN
-
-    @property
-    def epsilon_label(self) -> str:
-        """The budget as :func:`epsilon_label` writes it in the job's norm (a clean job's is 0)."""
-        return "0" if self.is_clean else epsilon_label(self.epsilon, self.config["norm"])
-
-    def title(self) -> str:
-        if self.is_clean:
-            return f"{self.defense}: clean"
-        return f"{self.defense}: {self.attack} eps={self.epsilon_label}"
-
+from medaudit.core.jobs import ADAPTIVE_SUFFIX, CLEAN, NAIVE, Job
+from medaudit.core.spec import NO_DEFENSE, Spec
 
 def _job_id(slug: str, config: dict) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
@@ -85,7 +43,8 @@ def plan_jobs(spec: Spec, host: Host) -> list[Job]:
                     if adaptive:
                         config["adaptive"] = True
                     slug = f"{d_label}.{label}.eps{i}"
-                    jobs.append(Job(_job_id(slug, config), d_label, label, a_ref.name, eps, config, adaptive))
+                    jobs.append(Job(_job_id(slug, config), d_label, label, a_ref.name, eps, config,
+                                    "adaptive" if adaptive else NAIVE, a_ref.label))
     return jobs
 
 

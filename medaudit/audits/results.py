@@ -12,13 +12,13 @@ from pathlib import Path
 from statistics import NormalDist, fmean
 from typing import Any
 
-from medaudit.audits.plan import ADAPTIVE_SUFFIX, Job
 from medaudit.audits.records import has_nonfinite_output, read_records
-from medaudit.audits.spec import NO_DEFENSE, WORST_CASE, Criterion, Spec, epsilon_label
 from medaudit.core.components import Metric, MetricValue, Norm
 from medaudit.core.errors import ExitCode
 from medaudit.core.host import Host
+from medaudit.core.jobs import ADAPTIVE_SUFFIX, Job
 from medaudit.core.segmentation import case_mean
+from medaudit.core.spec import NO_DEFENSE, WORST_CASE, Criterion, Spec, epsilon_label
 
 PASS, FAIL, INCONCLUSIVE, INVALID, WARN = "PASS", "FAIL", "INCONCLUSIVE", "INVALID", "WARN"
 #: A validity check whose subject is absent from the audit (e.g. no FGSM to compare).
@@ -217,7 +217,7 @@ def detection_summary(records: list[dict]) -> dict | None:
         return None
     import torch
 
-    from medaudit.plugins.detectors import auroc, tpr_at_fpr
+    from medaudit.core.statistics import auroc, tpr_at_fpr
 
     clean = [r["clean_score"] for r in records]
     fooling = [r for r in records if r.get("adv_score") is not None and r["adv_pred"] != r["label"]]

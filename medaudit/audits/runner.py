@@ -25,26 +25,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import medaudit
 from medaudit.audits import rundir
-from medaudit.audits.plan import ADAPTIVE_SUFFIX, Job, check_model_access, plan_jobs
+from medaudit.audits.figures import classification_figures, segmentation_figures
+from medaudit.audits.plan import check_model_access, plan_jobs
 from medaudit.audits.records import (
     EXAMPLE_CASES, FEATURE_CASES, RecordWriter, dense_scores, is_done, read_records, save_examples, save_features,
 )
 from medaudit.audits.results import acceptance, compute_results, validity_checks
-from medaudit.audits.spec import NO_DEFENSE, Spec, epsilon_label
 from medaudit.core.adaptive import bind_labels
 from medaudit.core.components import Access, Attack, AttackContext, LoadedData, LoadedModel, MinimumNormAttack, Norm, Task, component_info
 from medaudit.core.environment import describe_environment, select_device
-from medaudit.core.models import SpeedWrapper, prepare_for_audit, state_dict_sha256
-from medaudit.core.perturbation import input_gradient, project
-from medaudit.core.probes import FeatureTap
 from medaudit.core.errors import (
     DataError, EnvironmentProblem, ExitCode, MedauditError, ModelRaised, ModelRejected, ModelUnstable, PrivacyError,
     SpecError, Terminated,
 )
 from medaudit.core.host import Host
+from medaudit.core.jobs import ADAPTIVE_SUFFIX, Job
+from medaudit.core.models import SpeedWrapper, prepare_for_audit, state_dict_sha256
+from medaudit.core.perturbation import input_gradient, project
 from medaudit.core.privacy import leaked_values
+from medaudit.core.probes import FeatureTap
+from medaudit.core.spec import NO_DEFENSE, Spec, epsilon_label
 from medaudit.core.text import printable
-from medaudit.reports.figures import classification_figures, segmentation_figures
 
 SCHEMA_VERSION = 1
 #: Sources of identifying values a privacy refusal names at most.

@@ -44,6 +44,37 @@ class Access(str, enum.Enum):
     DECISIONS = "decisions"  #: the predicted label only
 
 
+class Facet(str, enum.Enum):
+    """What a job's records hold, declared by the record file (``records/<id>.meta.json``):
+    results, figures and reports ask for facets, never for the presence of a key."""
+
+    CLASSIFICATION = "classification"  #: label, clean_pred, adv_pred (clean_correct, adv_correct on read)
+    SEGMENTATION = "segmentation"  #: per-class clean_/adv_ dice, iou, hd95 and pixel accuracy
+    PERTURBATION = "perturbation"  #: attacked, linf, l2, in_range
+    FINITE = "finite"  #: clean_finite, adv_finite: were all the model's outputs finite
+    REJECTION = "rejection"  #: a rejecting defense: clean_score, clean_rejected, adv_score, adv_rejected
+    MINIMUM_NORM = "minimum_norm"  #: min_norm: the smallest fooling perturbation found (None: none)
+    TARGET = "target"  #: targeted segmentation: target_dice, target_pixel_accuracy, target_changed, target_hit
+    EXTRAS = "extras"  #: ``extras``: an attack's per-sample values (PSNR, queries...)
+    CASE_SCORES = "case_scores"  #: clean_<metric>, adv_<metric> of metrics that score cases
+    COVARIATES = "covariates"  #: ``covariates``: the data set's per-case metadata (site, scanner...)
+
+
+class AttackFamily(str, enum.Enum):
+    """How an attack searches, declared as data so the strength checks (Carlini et al. 2019)
+    hold for vendors' attacks too: iterative >= single-step, white-box >= score- and
+    decision-based. A transfer attack (e.g. TI-FGSM) is meant to be weaker white-box."""
+
+    SINGLE_STEP = "single-step"
+    ITERATIVE = "iterative"
+    MINIMUM_NORM = "minimum-norm"
+    SCORE_BASED = "score-based"
+    DECISION_BASED = "decision-based"
+    TRANSFER = "transfer"
+    UNIVERSAL = "universal"
+    OTHER = "other"
+
+
 class Params(BaseModel):
     """Parameters of a component: closed, documented, validated before anything runs."""
 
@@ -140,6 +171,17 @@ class LoadedModel:
     #: Why ``access`` lacks something, for the planner's messages (e.g. "the model is an
     #: ONNX graph run by onnxruntime: no gradients"); empty when nothing is missing.
     access_reason: str = ""
+    #: A defense's views other than the deployed system itself, by name (see
+    #: :attr:`Defense.views`); ``adaptive_module`` is the view "adaptive".
+    views: "dict[str, torch.nn.Module]" = dataclasses.field(default_factory=dict)
+
+    def view(self, name: str) -> "torch.nn.Module":
+        """The module an attack on view ``name`` differentiates (``naive``: the deployed ``module``)."""
+        if name == "naive":
+            return self.module
+        if name == "adaptive" and self.adaptive_module is not None:
+            return self.adaptive_module
+        return self.views[name]
 
 
 class ModelLoader(Component):
@@ -235,6 +277,16 @@ class AttackContext:
     apply_defense: "Callable[[str, dict[str, Any]], LoadedModel] | None" = None
 
 
+@dataclasses.dataclass
+class AttackOutcome:
+    """What :meth:`Attack.perturb` may return instead of a bare tensor: the adversarial
+    inputs and per-sample extras (one JSON-able value per sample, e.g. ``min_norm``, PSNR,
+    queries used) that the records keep under ``extras``."""
+
+    adversarial: "torch.Tensor"
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 class Attack(Component):
     """An evasion attack in pixel space.
 
@@ -249,6 +301,8 @@ class Attack(Component):
     targeted: ClassVar[bool] = False
     #: What the attack needs from the model.
     needs: ClassVar[Access] = Access.GRADIENTS
+    #: How it searches (:class:`AttackFamily`), for the strength checks.
+    family: ClassVar[AttackFamily] = AttackFamily.OTHER
 
     @abc.abstractmethod
     def perturb(
@@ -269,6 +323,21 @@ class Attack(Component):
         the attack needs beyond the batch here, so bad input fails early. Raise ValueError
         for a setting that does not fit the audit (the runner reports it as a spec error).
         Default: nothing."""
+
+    def seed_key(self, job: Any) -> str:
+        """What the per-batch random seed derives from (with the spec's seed and the batch's
+        first case): the job, so each job draws its own random starts. An attack whose
+        search does not depend on the budget (minimum norm) returns one key for all its
+        epsilons, so every epsilon job sees the same search, in any process."""
+        return job.id
+
+    def export_state(self) -> "dict[str, Any] | None":
+        """What :meth:`prepare` fitted (e.g. a universal perturbation), as tensors and JSON
+        values, so another process restores it instead of fitting again. None: nothing fitted."""
+        return None
+
+    def restore_state(self, state: "dict[str, Any]") -> None:
+        """Take back what :meth:`export_state` gave, instead of fitting in :meth:`prepare`."""
 
     def target_masks(self, y: "torch.Tensor") -> "torch.Tensor | None":
         """Targeted segmentation attacks return the label maps they steer the cases with
@@ -315,7 +384,28 @@ class Defense(Component):
 
     #: How the adaptive attack sees this defense, for the report; empty when the defended
     #: model's own gradients are exact and useful, so the naive attack is already adaptive.
+    #: Shorthand for ``views = {"adaptive": ...}``.
     adaptive: ClassVar[str] = ""
+    #: The views an attacker differentiates besides the deployed system (the implicit
+    #: ``naive`` view), by name, each with how it sees the defense (BPDA, EOT, a joint
+    #: detector view...). Class data, so the planner needs no model: every gradient attack
+    #: runs once per view. The defended model's :attr:`LoadedModel.views` holds the modules.
+    views: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def view_names(cls) -> dict[str, str]:
+        """The declared views (``views``, or ``{"adaptive": adaptive}`` for the shorthand)."""
+        return dict(cls.views) or ({"adaptive": cls.adaptive} if cls.adaptive else {})
+
+    def export_state(self, defended: LoadedModel) -> "dict[str, Any] | None":
+        """What :meth:`apply` fitted (a detector's statistics, a threshold), as tensors and
+        JSON values, so another process restores the defense instead of fitting it again.
+        None: nothing is fitted (apply again is cheap and deterministic)."""
+        return None
+
+    def restore(self, model: LoadedModel, data: LoadedData, state: "dict[str, Any]") -> LoadedModel:
+        """The defended model rebuilt from :meth:`export_state`'s state, without fitting."""
+        return self.apply(model, data)
 
     def prepare(self, context: "AttackContext") -> None:
         """Load what the defense needs beyond the model, e.g. its training split (through
@@ -358,6 +448,18 @@ class Metric(Component):
     #: The interval every value lies in, e.g. (0, 1) for a proportion: validation refuses an
     #: acceptance threshold that leaves a criterion unable to fail or unable to pass.
     bounds: ClassVar[tuple[float, float]] = (-math.inf, math.inf)
+    #: Facets (:class:`Facet`) the records must declare for :meth:`compute` to run on them;
+    #: a group without one gets no value.
+    needs: ClassVar[frozenset[Facet]] = frozenset()
+    #: True when the metric scores each case in the job's batch loop (:meth:`score_cases`),
+    #: e.g. from the predicted and true masks, which records do not keep.
+    scores_cases: ClassVar[bool] = False
+
+    def score_cases(self, pred: "torch.Tensor", truth: "torch.Tensor", spacing: Any = None) -> list:
+        """One JSON-able value per case of the batch (predicted and true class indices or
+        label maps; ``spacing`` in mm, per case or shared, or None); the records keep them as
+        ``clean_<name>`` and ``adv_<name>``, and :meth:`compute` aggregates them."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def compute(self, records: Sequence[dict]) -> MetricValue | None:

@@ -20,8 +20,8 @@ import pluggy
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from medaudit.audits.plan import Job
-    from medaudit.audits.spec import Spec
+    from medaudit.core.jobs import Job
+    from medaudit.core.spec import Spec
     from medaudit.core.components import (
         Attack,
         Dataset,

@@ -38,10 +38,10 @@ MIN_GUARDED_DIGITS = 6
 _REPORT_TEXT_MODULES = (
     ("medaudit.audits", "runner.py"),
     ("medaudit.audits", "results.py"),
+    ("medaudit.audits", "figures.py"),
     ("medaudit.reports", "html.py"),
-    ("medaudit.reports", "figures.py"),
     ("medaudit.reports", "junit.py"),
-    ("medaudit.plugins", "report_sections.py"),
+    ("medaudit.plugins.report", "sections.py"),
 )
 
 #: Where a value came from, for values a plugin hands over without one.

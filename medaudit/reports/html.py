@@ -20,10 +20,10 @@ import jinja2
 from markupsafe import Markup
 
 import medaudit
+from medaudit.audits.figures import data_uri
 from medaudit.audits.rundir import write_atomic
 from medaudit.core.host import Host
 from medaudit.core.text import label, printable
-from medaudit.reports.figures import data_uri
 
 TEMPLATES = Path(__file__).parent / "templates"
 

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from medaudit.audits.rundir import write_atomic
-from medaudit.audits.spec import WORST_CASE
+from medaudit.core.spec import WORST_CASE
 from medaudit.core.text import printable
 
 

@@ -1,0 +1,460 @@
+"""The audit spec: a YAML file validated in full before anything heavy happens.
+
+Validation runs in two passes over the parsed YAML and reports every error of both at
+once, each with file, line and field path: the spec's own structure (pydantic), then every
+component reference (known name, params valid against the component's own ``Params``,
+task and norm supported).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema, field_validator,
+    model_validator,
+)
+
+from medaudit.core.components import Metric, Norm, Task, missing_inputs
+from medaudit.core.errors import SpecError
+from medaudit.core.host import Host, unknown_name_message
+from medaudit.core.yamlsource import Loc, Source, format_loc, parse_yaml, read_yaml
+
+WORST_CASE = "worst_case"
+NO_DEFENSE = "none"
+
+
+def parse_epsilon(value: Any) -> Any:
+    """Accept numbers and fractions written as strings, such as ``1/255``."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                numerator, denominator = text.split("/")
+                return float(numerator) / float(denominator)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{value!r} is not a number or a fraction such as 1/255") from None
+    return value
+
+
+#: What :func:`parse_epsilon` reads: a number, or a fraction such as ``1/255``, written as a string.
+_NUMBER = r"\s*(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*"
+EPSILON_JSON_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": f"^{_NUMBER}(/{_NUMBER})?$"}]
+}
+
+#: A perturbation budget in pixel units of [0, 1] images: finite and >= 0; the threat
+#: model bounds it by its norm (see :data:`UNIT_NORMS`).
+Epsilon = Annotated[
+    float, BeforeValidator(parse_epsilon), Field(ge=0.0, allow_inf_nan=False), WithJsonSchema(EPSILON_JSON_SCHEMA)
+]
+
+#: Norms whose budgets are at most 1, and why; L2 and L1 budgets grow with the image's size.
+UNIT_NORMS = {
+    Norm.LINF: "an L-inf budget is a change of pixel value, and pixels lie in [0, 1]",
+    Norm.L0: "an L0 budget is the fraction of pixels that may change",
+}
+
+
+def epsilon_label(eps: float, norm: Norm | str) -> str:
+    """A budget as people write it: L-inf in grey levels (``0.00392...`` -> ``1/255``), any
+    other norm as a plain number (an L2 budget of 2.0 is no number of grey levels)."""
+    if eps == 0:
+        return "0"
+    if Norm(norm) is Norm.LINF:
+        grey = eps * 255
+        for digits in (0, 1, 2):
+            if abs(grey - round(grey, digits)) < 1e-6:
+                return f"{round(grey, digits):g}/255"
+    return f"{eps:.4g}"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AuditInfo(_Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Identifier of the audit; used in the run directory's path.",
+    )
+    title: str | None = Field(None, description="Human-readable title for the report.")
+    description: str = Field("", description="What is audited and why.")
+
+
+class IntendedUse(_Section):
+    """What the audited device is for: the scope every robustness claim is made in.
+
+    All free text, shown verbatim (escaped) in the report; a field left out is printed as
+    "not stated" so that a reviewer sees the gap.
+    """
+
+    device: str | None = Field(None, description="Device or model name and version.")
+    clinical_task: str | None = Field(None, description="What the model decides, for whom, from which images.")
+    population: str | None = Field(None, description="Target patient population.")
+    modality: str | None = Field(None, description="Modality and acquisition constraints (scanner, protocol, window).")
+    users: str | None = Field(None, description="Intended users and how they act on the output.")
+    outputs: str | None = Field(None, description="Outputs and decision thresholds.")
+    out_of_scope: list[str] = Field(default_factory=list, description="Uses and inputs the audit makes no claim about.")
+
+
+class ModelRef(_Section):
+    loader: str = Field(description="Name of a registered model loader (see `medaudit plugins`).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The loader's parameters.")
+    randomized: bool = Field(
+        False,
+        description="The model is randomised on purpose (e.g. random input transforms): two identical forward passes "
+        "may differ. Such a model needs attacks that average over its randomness (EOT); without this key a "
+        "non-deterministic model stops the run as INVALID.",
+    )
+
+
+class DataRef(_Section):
+    dataset: str = Field(description="Name of a registered dataset.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The dataset's parameters.")
+
+
+class AttackRef(_Section):
+    name: str = Field(description="Name of a registered attack.")
+    id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Label of this attack configuration (defaults to its name); needed when one attack is listed twice.",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="The attack's parameters.")
+
+    @property
+    def label(self) -> str:
+        return self.id or self.name
+
+
+class DefenseRef(_Section):
+    name: str = Field(description="Name of a registered defense.")
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.id or self.name
+
+
+class ThreatModel(_Section):
+    # The JSON Schema's share of _within_norm: numbers above 1 only for L2 and L1.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"norm": {"enum": [n.value for n in Norm if n not in UNIT_NORMS]}}, "required": ["norm"]},
+        "else": {"properties": {"epsilons": {"items": {"maximum": 1}}}},
+    })
+
+    norm: Norm = Field(Norm.LINF, description="Norm bounding the perturbation.")
+    epsilons: list[Epsilon] = Field(
+        min_length=1,
+        description="Budgets in pixel units of [0, 1] images; '1/255' style strings are allowed. L-inf: at most 1 "
+        "(1/255 is one grey level); L2 and L1: the norm of the whole perturbation, above 1 for large images; "
+        "L0: the fraction of pixels that may change.",
+    )
+
+    @field_validator("epsilons")
+    @classmethod
+    def _within_norm(cls, value: list[float], info: ValidationInfo) -> list[float]:
+        """Sorted, without repeats, and at most 1 for the norms in :data:`UNIT_NORMS`."""
+        norm = info.data.get("norm")
+        if norm in UNIT_NORMS and max(value) > 1:
+            raise ValueError(f"{max(value):g} is not at most 1: {UNIT_NORMS[norm]}")
+        return sorted(set(value))
+
+
+class Criterion(_Section):
+    id: str = Field(description="Identifier shown in the report and junit.xml, e.g. AC-01.")
+    description: str = ""
+    metric: str = Field(description="Name of a registered metric.")
+    attack: str = Field(WORST_CASE, description="An attack label, or 'worst_case' over all attacks.")
+    defense: str = Field(NO_DEFENSE, description="A defense label, or 'none' for the undefended model.")
+    epsilon: Epsilon | None = Field(None, description="Budget the criterion applies to (not needed for clean metrics).")
+    op: Literal[">=", ">", "<=", "<"]
+    threshold: float = Field(
+        allow_inf_nan=False, description="Compared with the metric; inside the metric's range, so that it can pass and fail."
+    )
+    statistic: Literal["auto", "point", "lower_bound", "upper_bound"] = Field(
+        "auto",
+        description="Which estimate is compared: 'auto' takes the confidence bound on the side that "
+        "protects the patient (lower bound for >=, upper bound for <=).",
+    )
+    min_n: int = Field(1, ge=1, description="Fewer evaluated cases than this gives INCONCLUSIVE.")
+    severity: Literal["blocking", "advisory"] = "blocking"
+    risk_ref: str | None = Field(None, description="Reference into the manufacturer's risk file.")
+
+
+class Acceptance(_Section):
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
+    criteria: list[Criterion] = Field(default_factory=list)
+
+
+class ReportOptions(_Section):
+    title: str | None = None
+    formats: list[Literal["html", "json", "junit", "pdf"]] = Field(
+        default_factory=lambda: ["html", "json", "junit"],
+        description="Outputs besides results.json: report.html, junit.xml (criteria as test cases for CI), "
+        "and report.pdf (report.html printed by a headless Chromium; not a default, needs Chromium installed).",
+    )
+
+
+class Runtime(_Section):
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto picks CUDA when present.")
+    batch_size: int = Field(64, ge=1, le=65536)
+    seed: int = Field(0, ge=0, description="Seeds every random choice together with each job's id.")
+    output_dir: Path = Field(Path("runs"), description="Run directories go under <output_dir>/<audit name>/.")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    autocast: Literal["off", "bf16", "fp16"] = Field(
+        "off",
+        description="Run the model's forward pass in reduced precision (torch.autocast); logits, and so "
+        "every attack loss, stay in fp32. Faster on GPUs with tensor cores; results can differ slightly "
+        "from fp32. fp16 needs CUDA.",
+    )
+    channels_last: bool = Field(
+        False, description="Channels-last memory format for 2D models and inputs: often faster for CNNs on GPUs."
+    )
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self) -> "Runtime":
+        if self.autocast == "fp16" and self.device == "cpu":
+            raise ValueError("autocast fp16 needs a CUDA device; use bf16 on the CPU")
+        return self
+
+
+_PERTURBATION_METRICS = ["perturbation_linf_mean", "perturbation_linf_max", "perturbation_l2_mean", "perturbation_l2_max"]
+#: Metrics computed when a spec lists none, per task.
+DEFAULT_METRICS = {
+    Task.CLASSIFICATION: ["clean_accuracy", "robust_accuracy", "attack_success_rate", *_PERTURBATION_METRICS],
+    Task.SEGMENTATION: [
+        "clean_dice", "robust_dice", "clean_iou", "robust_iou", "clean_hd95", "robust_hd95", "clean_pixel_accuracy",
+        "robust_pixel_accuracy", "broken_case_rate", "target_dice", "target_success_rate", *_PERTURBATION_METRICS,
+    ],
+}
+
+
+class Spec(_Section):
+    """A whole audit."""
+
+    audit: AuditInfo
+    intended_use: IntendedUse = Field(default_factory=IntendedUse)
+    task: Task = Task.CLASSIFICATION
+    model: ModelRef
+    data: DataRef
+    threat_model: ThreatModel
+    attacks: list[AttackRef] = Field(min_length=1)
+    defenses: list[DefenseRef] = Field(default_factory=list)
+    metrics: list[str] = Field(default_factory=list, description="Metrics to compute; default: the task's defaults.")
+    acceptance: Acceptance = Field(default_factory=Acceptance)
+    report: ReportOptions = Field(default_factory=ReportOptions)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_metrics(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("metrics"):
+            task = data.get("task", Task.CLASSIFICATION)
+            if task in {t.value for t in Task} or isinstance(task, Task):
+                data = {**data, "metrics": list(DEFAULT_METRICS[Task(task)])}
+        return data
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "Spec":
+        for section, refs in (("attacks", self.attacks), ("defenses", self.defenses)):
+            seen: set[str] = set()
+            for ref in refs:
+                if ref.label in seen:
+                    raise ValueError(f"{section}: {ref.label!r} is listed twice; give one an 'id'")
+                seen.add(ref.label)
+        if any(ref.label == NO_DEFENSE for ref in self.defenses):
+            raise ValueError(f"defenses: {NO_DEFENSE!r} is reserved for the undefended model")
+        if any(ref.label == WORST_CASE for ref in self.attacks):
+            raise ValueError(f"attacks: {WORST_CASE!r} is reserved")
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the resolved spec, ignoring where results are written."""
+        data = self.model_dump(mode="json")
+        data["runtime"].pop("output_dir", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def title(self) -> str:
+        return self.report.title or self.audit.title or self.audit.name
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path, host: Host) -> Spec:
+    """Read, validate and resolve a spec file; raise :class:`SpecError` listing every problem."""
+    path = Path(path)
+    source = read_yaml(path)
+    return validate_source(source, host, base_dir=path.resolve().parent)
+
+
+def load_spec_text(text: str, host: Host, base_dir: Path, name: str = "spec") -> Spec:
+    return validate_source(parse_yaml(text, name), host, base_dir=base_dir)
+
+
+def validate_source(source: Source, host: Host, base_dir: Path) -> Spec:
+    problems: list[str] = []
+    if not isinstance(source.data, dict):
+        raise SpecError([f"{source.where(())}: the spec must be a mapping of sections"], source=source.name)
+    resolved = copy.deepcopy(source.data)
+    _check_components(source, resolved, host, base_dir, problems)
+
+    spec = None
+    try:
+        spec = Spec.model_validate(resolved)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: {_message(err)}")
+    if spec is not None:
+        _check_references(source, spec, host, problems)
+    if problems:
+        raise SpecError(problems, source=source.name)
+    assert spec is not None
+    return spec
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    msg = err["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def _check_components(source: Source, data: dict, host: Host, base_dir: Path, problems: list[str]) -> None:
+    """Validate each component reference in place; replace params by their resolved values."""
+    task = data.get("task", Task.CLASSIFICATION.value)
+    threat_model = data.get("threat_model")
+    norm = threat_model.get("norm", Norm.LINF.value) if isinstance(threat_model, dict) else None
+
+    def check(kind: str, ref: Any, loc: Loc, name_key: str) -> None:
+        if not isinstance(ref, dict) or not isinstance(ref.get(name_key), str):
+            return  # structural errors are reported by the pydantic pass
+        name = ref[name_key]
+        try:
+            cls = host.get(kind, name)
+        except KeyError as exc:
+            problems.append(f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: {exc.args[0]}")
+            return
+        params = ref.get("params", {}) or {}
+        if not isinstance(params, dict):
+            return
+        try:
+            validated = cls.Params.model_validate(params, context={"base_dir": base_dir})
+        except ValidationError as exc:
+            for err in exc.errors():
+                full = loc + ("params",) + tuple(err["loc"])
+                problems.append(f"{source.where(full)}: {format_loc(full)}: {_message(err)}")
+            return
+        ref["params"] = validated.model_dump(mode="json", exclude_none=False)
+        for field, path in missing_inputs(validated):
+            full = loc + ("params", field)
+            problems.append(f"{source.where(full)}: {format_loc(full)}: not found: {path}")
+        if task in {t.value for t in Task} and Task(task) not in cls.tasks:
+            problems.append(
+                f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: {kind} {name!r} does not "
+                f"support task {task!r} (it supports {', '.join(sorted(t.value for t in cls.tasks))})"
+            )
+        if kind == "attack" and norm in {n.value for n in Norm} and Norm(norm) not in cls.norms:
+            problems.append(
+                f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: attack {name!r} does not "
+                f"bound the {norm} norm of threat_model (it supports {', '.join(sorted(n.value for n in cls.norms))})"
+            )
+
+    check("model", data.get("model"), ("model",), "loader")
+    check("dataset", data.get("data"), ("data",), "dataset")
+    for section, kind in (("attacks", "attack"), ("defenses", "defense")):
+        refs = data.get(section)
+        if isinstance(refs, list):
+            for i, ref in enumerate(refs):
+                check(kind, ref, (section, i), "name")
+
+
+def _check_references(source: Source, spec: Spec, host: Host, problems: list[str]) -> None:
+    """Names that refer to other parts of the spec or to registered metrics."""
+    for i, name in enumerate(spec.metrics):
+        loc = ("metrics", i)
+        if name not in host.components["metric"]:
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: {unknown_name_message('metric', name, host.components['metric'])}")
+        elif spec.task not in host.components["metric"][name].tasks:
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {name!r} does not support task {spec.task.value!r}")
+    attack_labels = [a.label for a in spec.attacks]
+    defense_labels = [NO_DEFENSE] + [d.label for d in spec.defenses]
+    for i, crit in enumerate(spec.acceptance.criteria):
+        loc = ("acceptance", "criteria", i)
+        metric_cls = host.components["metric"].get(crit.metric)
+        if metric_cls is None:
+            problems.append(f"{source.where(loc + ('metric',))}: {format_loc(loc + ('metric',))}: {unknown_name_message('metric', crit.metric, host.components['metric'])}")
+        elif crit.metric not in spec.metrics:
+            problems.append(f"{source.where(loc + ('metric',))}: {format_loc(loc + ('metric',))}: metric {crit.metric!r} is not in the spec's 'metrics' list")
+        if crit.attack not in attack_labels + [WORST_CASE]:
+            problems.append(f"{source.where(loc + ('attack',))}: {format_loc(loc + ('attack',))}: {unknown_name_message('attack', crit.attack, attack_labels + [WORST_CASE])}")
+        if crit.defense not in defense_labels:
+            problems.append(f"{source.where(loc + ('defense',))}: {format_loc(loc + ('defense',))}: {unknown_name_message('defense', crit.defense, defense_labels)}")
+        if metric_cls is not None and (why := _undecidable(crit, metric_cls)):
+            problems.append(f"{source.where(loc + ('threshold',))}: {format_loc(loc + ('threshold',))}: {why}")
+        needs_eps = metric_cls is not None and not metric_cls.clean
+        if needs_eps and crit.epsilon is None:
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {crit.metric!r} needs an 'epsilon'")
+        if crit.epsilon is not None and not any(abs(crit.epsilon - e) < 1e-12 for e in spec.threat_model.epsilons):
+            norm = spec.threat_model.norm
+            problems.append(
+                f"{source.where(loc + ('epsilon',))}: {format_loc(loc + ('epsilon',))}: epsilon {epsilon_label(crit.epsilon, norm)} "
+                f"is not in threat_model.epsilons ({', '.join(epsilon_label(e, norm) for e in spec.threat_model.epsilons)})"
+            )
+    ids = [c.id for c in spec.acceptance.criteria]
+    for i, cid in enumerate(ids):
+        if cid in ids[:i]:
+            loc = ("acceptance", "criteria", i, "id")
+            problems.append(f"{source.where(loc)}: {format_loc(loc)}: criterion id {cid!r} is used twice")
+
+
+def _undecidable(crit: Criterion, metric: type[Metric]) -> str | None:
+    """Why ``crit`` can never fail or never pass on ``metric``'s range (its ``bounds``), or None."""
+    low, high = metric.bounds
+    t = crit.threshold
+    never_fail = {">=": t <= low, ">": t < low, "<=": t >= high, "<": t > high}[crit.op]
+    never_pass = {">=": t > high, ">": t >= high, "<=": t < low, "<": t <= low}[crit.op]
+    if not (never_fail or never_pass):
+        return None
+    span = ("(-inf" if low == -math.inf else f"[{low:g}") + ", " + ("inf)" if high == math.inf else f"{high:g}]")
+    return (f"{crit.op} {t:g} can never {'fail' if never_fail else 'pass'}: {metric.name} lies in {span}; "
+            "choose a threshold inside that range")
+
+
+def spec_json_schema(host: Host) -> dict:
+    """JSON Schema of the spec with every registered component's params (for editors)."""
+    from pydantic import create_model
+
+    def union(kind: str, name_key: str, extra: dict) -> Any:
+        variants = []
+        for name, cls in sorted(host.components[kind].items()):
+            fields = {name_key: (Literal[name], ...), "params": (cls.Params, None), **extra}
+            variants.append(create_model(f"{kind}_{name}".replace("-", "_"), __config__=ConfigDict(extra="forbid"), **fields))
+        if not variants:
+            return dict[str, Any]
+        return Annotated[Union[tuple(variants)], Field(discriminator=name_key)]
+
+    label = {"id": (str | None, None)}
+    schema_model = create_model(
+        "MedauditSpec",
+        __base__=Spec,
+        model=(union("model", "loader", {}), ...),
+        data=(union("dataset", "dataset", {}), ...),
+        attacks=(list[union("attack", "name", label)], Field(min_length=1)),
+        defenses=(list[union("defense", "name", label)], []),
+        metrics=(list[Literal[tuple(sorted(host.components["metric"]))]], []),  # type: ignore[misc]
+    )
+    schema = schema_model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "medaudit audit spec"
+    return schema

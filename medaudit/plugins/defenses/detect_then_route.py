@@ -1,0 +1,68 @@
+"""Detect-then-route: detect-then-route.
+
+Inputs a detector defense flags go to a robust model, the others to the audited model
+(Hu, Wen & Fang 2023, Discussion). Nothing is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medaudit import hookimpl
+from medaudit.core.adaptive import RoutedModel, SoftRoutedView
+from medaudit.core.components import AttackContext, Defense, LoadedData, LoadedModel, Params, Task
+from medaudit.core.models import prepare_for_audit
+from medaudit.plugins.defenses._common import fingerprint
+
+
+class DefenseSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="A registered defense.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Its params.")
+
+
+class RouteParams(Params):
+    detector: DefenseSpec = Field(description="A detector defense (e.g. mahalanobis) that decides the route.")
+    robust: DefenseSpec = Field(description="The defense whose model takes the flagged inputs (e.g. pgd-at).")
+
+
+class DetectThenRoute(Defense):
+    """Detect-then-route, the survey's proposal (Hu, Wen & Fang 2023, Discussion): inputs a
+    detector flags go to an adversarially trained model, the others to the audited model.
+    Nothing is rejected; the report gives the composite's clean and robust accuracy. The
+    adaptive attack differentiates a soft routing (:class:`SoftRoutedView`)."""
+
+    name = "detect-then-route"
+    Params = RouteParams
+    tasks = frozenset({Task.CLASSIFICATION})
+    adaptive = ("BPDA through the routing: the exact routed outputs forward, the backward pass of "
+                "(1 - w) softmax(standard) + w softmax(robust), w = sigmoid((score - threshold) / scale).")
+
+    def prepare(self, context: AttackContext) -> None:
+        self.context = context
+
+    def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
+        p = self.params
+        guarded = self.context.apply_defense(p.detector.name, p.detector.params)
+        if guarded.detector is None:
+            raise ValueError(f"detector: {p.detector.name!r} is not a detector defense")
+        robust = self.context.apply_defense(p.robust.name, p.robust.params)
+        routed = RoutedModel(model.module, robust.module, guarded.detector)
+        return dataclasses.replace(
+            model,
+            module=prepare_for_audit(routed),
+            adaptive_module=prepare_for_audit(SoftRoutedView(routed)),
+            fingerprint=fingerprint(self, model, parts=(guarded.fingerprint, robust.fingerprint)),
+            description=f"{p.detector.name} routes flagged inputs to {robust.description}",
+            source={**model.source, "training": {"detector": guarded.source.get("training"),
+                                                 "robust": robust.source.get("training")}},
+        )
+
+
+@hookimpl
+def register_defenses(register):
+    register(DetectThenRoute)

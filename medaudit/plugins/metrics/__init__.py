@@ -1,0 +1,2 @@
+"""Metrics computed from per-sample records: classification (and perturbation sizes) and
+segmentation."""

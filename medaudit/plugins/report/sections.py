@@ -1,0 +1,250 @@
+"""Report sections: cover, summary, scope, system, data, methods, results, defenses, validity, limitations, reproducibility, standards.
+
+The built-in sections, registered through the same hook a vendor plugin uses; their
+templates are in ``medaudit/reports/templates/sections``.
+
+The outline follows the report guide: document control, executive summary, scope and
+threat model, system under test, data, methods, results, defenses, validity,
+limitations, reproducibility and a cross-reference to the standards each section serves.
+Everything a section shows is derived from results.json, so ``medaudit report`` can
+re-render a run without the model or data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from medaudit import hookimpl
+from medaudit.core.components import ReportSection
+from medaudit.core.jobs import ADAPTIVE_SUFFIX
+
+#: The MITRE ATLAS release the identifiers below were taken from (names change between releases).
+ATLAS_VERSION = "5.6.0"
+
+#: Attacker knowledge implied by what an attack needs from the model, and its ATLAS technique.
+KNOWLEDGE = {
+    "gradients": ("white box", "the model, its weights and input gradients", "AML.T0043.000 White-Box Optimization"),
+    "scores": ("grey box, score-based", "output scores from queries", "AML.T0043.001 Black-Box Optimization"),
+    "decisions": ("black box, decision-based", "predicted labels from queries", "AML.T0043.001 Black-Box Optimization"),
+}
+
+#: Threats a run-time evasion audit does not assess, with their ATLAS identifiers.
+NOT_ASSESSED = [
+    ("Poisoning of the training data or the model", "AML.T0020, AML.T0018.000"),
+    ("Membership inference, model inversion and model extraction through the inference API", "AML.T0024.000-.002"),
+    ("Tampered or unsafe model files (checked only by the model fingerprint on the cover)", "AML.T0011.000, AML.T0010.003"),
+    ("Physical-world attacks (printed or acquired perturbations) and natural distribution shift", "-"),
+    ("The clinician and AI acting together (the audit scores the model's output alone)", "-"),
+]
+
+
+def headline_metric(results: dict) -> str | None:
+    """The robust metric the summary and limitations quote (accuracy or mean Dice)."""
+    names = [m["name"] for m in results["metrics"] if not m["clean"]]
+    return next((n for n in ("robust_accuracy", "robust_dice") if n in names), names[0] if names else None)
+
+
+def worst_case_rows(results: dict, defense: str = "none") -> list[dict]:
+    return [r for r in results["rows"] if r["attack"] == "worst_case" and r["defense"] == defense]
+
+
+class Cover(ReportSection):
+    """Verdict, identity, fingerprints of every input and output, and the sign-off block."""
+
+    name, title, order, template = "cover", "Cover and document control", 10, "sections/cover.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        fp = results["fingerprints"]
+        digest = hashlib.sha256(f"{fp['spec_sha256']}:{fp['model_sha256']}:{fp['data_sha256']}".encode()).hexdigest()
+        return {"report_id": f"MA-{digest[:16].upper()}"}
+
+
+class Summary(ReportSection):
+    """Each acceptance criterion with its estimate and interval, the validity gate, key numbers."""
+
+    name, title, order, template = "summary", "Executive summary", 20, "sections/summary.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        counts = {s: sum(c["status"] == s for c in results["validity"]) for s in ("PASS", "WARN", "FAIL", "N/A")}
+        metric = headline_metric(results)
+        worst = worst_case_rows(results)
+        largest = max(worst, key=lambda r: r["epsilon"]) if worst and metric else None
+        return {"validity_counts": counts, "headline": metric, "largest": largest}
+
+
+class Scope(ReportSection):
+    """Intended use, the robustness domain, the attacker, and what is not covered."""
+
+    name, title, order, template = "scope", "Intended use and threat model", 30, "sections/scope.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        attackers = []
+        for at in results["attacks"]:
+            knowledge, access, atlas = KNOWLEDGE.get(at.get("needs"), ("unknown", "unknown", "-"))
+            goal = "targeted" if at.get("targeted") else "untargeted (any error)"
+            attackers.append({"label": at["label"], "goal": goal, "knowledge": knowledge, "access": access, "atlas": atlas})
+        return {"attackers": attackers, "atlas_version": ATLAS_VERSION, "not_assessed": NOT_ASSESSED}
+
+
+class SystemUnderTest(ReportSection):
+    """The model artifact, how it was loaded, and the defenses in the pipeline."""
+
+    name, title, order, template = "system", "System under test", 40, "sections/system.html.j2"
+
+
+class EvaluationData(ReportSection):
+    """Counts, class balance, image geometry and how patient identity is kept out."""
+
+    name, title, order, template = "data", "Evaluation data", 50, "sections/data.html.j2"
+
+
+class Methods(ReportSection):
+    """Every attack's parameters, the metric definitions and the statistics."""
+
+    name, title, order, template = "methods", "Methods", 60, "sections/methods.html.j2"
+
+
+class Results(ReportSection):
+    """Metrics per attack and budget, with the worst case over attacks, and the figures."""
+
+    name, title, order, template = "results", "Results", 70, "sections/results.html.j2"
+
+
+class Defenses(ReportSection):
+    """Each defense next to the undefended model: naive and adaptive attacks, and the
+    trade-off between clean performance and robustness."""
+
+    name, title, order, template = "defenses", "Defenses", 80, "sections/defenses.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        metric = headline_metric(results)
+        clean_metric = next((m["name"] for m in results["metrics"] if m["clean"] and m["name"] in ("clean_accuracy", "clean_dice")), None)
+        value = {(r["defense"], r["attack"], r["epsilon"]): r["metrics"].get(metric) for r in results["rows"]}
+        detection = {(r["defense"], r["attack"], r["epsilon"]): r["detection"] for r in results["rows"] if "detection" in r}
+        defenses = []
+        for d in results["defenses"]:
+            label = d["label"]
+            attacks = [a["label"] for a in results["attacks"]] + ["worst_case"]
+            table = [
+                {"attack": a, "epsilon_label": r["epsilon_label"],
+                 "undefended": value.get(("none", a, r["epsilon"])), "naive": value.get((label, a, r["epsilon"])),
+                 "adaptive": value.get((label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"])),
+                 "has_adaptive": (label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]) in value,
+                 "detection": detection.get((label, a, r["epsilon"])),
+                 "detection_adaptive": detection.get((label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]))}
+                for a in attacks for r in results["rows"] if r["defense"] == label and r["attack"] == a
+            ]
+            trade = [
+                {"epsilon_label": r["epsilon_label"], "undefended": value.get(("none", "worst_case", r["epsilon"])),
+                 "defended": r["metrics"].get(metric)}
+                for r in results["rows"] if r["defense"] == label and r["attack"] == "worst_case"
+            ]
+            clean = {k: (results["clean"].get(k) or {}).get(clean_metric) for k in ("none", label)}
+            detects = any(t["detection"] for t in table)
+            defenses.append({**d, "table": table, "trade": trade, "clean": clean, "detects": detects})
+        return {"headline": metric, "clean_metric": clean_metric, "defenses": defenses, "suffix": ADAPTIVE_SUFFIX}
+
+
+class Validity(ReportSection):
+    """Checks that the evaluation itself is sound."""
+
+    name, title, order, template = "validity", "Evaluation validity checks", 90, "sections/validity.html.j2"
+
+
+class Limitations(ReportSection):
+    """What the numbers do not show, derived from the run where possible."""
+
+    name, title, order, template = "limitations", "Limitations and threats not assessed", 100, "sections/limitations.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        notes = []
+        metric = headline_metric(results)
+        widths = [
+            (r["metrics"][metric]["ci_high"] - r["metrics"][metric]["ci_low"], r)
+            for r in worst_case_rows(results)
+            if metric and (r["metrics"].get(metric) or {}).get("ci_low") is not None
+        ]
+        if widths:
+            width, row = max(widths, key=lambda w: w[0])
+            notes.append(
+                f"{results['data']['n']} cases: the widest interval on a worst-case {metric.replace('_', ' ')} "
+                f"(eps {row['epsilon_label']}) spans {width:.3f}. More cases narrow it."
+            )
+        needs = {a.get("needs") for a in results["attacks"]}
+        if not needs & {"scores", "decisions"}:
+            notes.append(
+                "No score- or decision-based attack was run. Such attacks do not rely on gradients, so a model whose "
+                "gradients are masked can look robust to every attack listed here and still be broken by them."
+            )
+        if not any(a.get("targeted") for a in results["attacks"]):
+            notes.append("No targeted attack was run: the results bound untargeted errors only.")
+        if results["defenses"]:
+            notes.append(
+                "Defenses were attacked through the full defended model with the attacks listed. An attack that is "
+                "not adapted to a non-differentiable or randomised defense can overestimate its robustness."
+            )
+        for check in results["validity"]:
+            if check["status"] in ("WARN", "FAIL"):
+                notes.append(f"Validity check '{check['title']}' gave {check['status']}: {check['evidence']}")
+        return {"notes": notes, "not_assessed": NOT_ASSESSED, "atlas_version": ATLAS_VERSION}
+
+
+class Reproducibility(ReportSection):
+    """Environment, plugin versions, seeds, command line, timeline and the resolved spec."""
+
+    name, title, order, template = "reproducibility", "Reproducibility and provenance", 110, "sections/reproducibility.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        components = [("model loader", results["model"]["loader"], results["model"]),
+                      ("dataset", results["data"]["dataset"], results["data"])]
+        components += [("attack", a["name"], a) for a in results["attacks"]]
+        components += [("defense", d["name"], d) for d in results["defenses"]]
+        seen, plugins = set(), []
+        for kind, name, info in components:
+            if (kind, name) not in seen:
+                seen.add((kind, name))
+                plugins.append({"kind": kind, "name": name, "plugin": info.get("plugin"),
+                                "distribution": info.get("distribution"), "version": info.get("version")})
+        commands = [e["command"] for e in results["timeline"] if e.get("command")]
+        return {"plugins": plugins, "commands": commands}
+
+
+#: Report section -> the guidance and standards it gives evidence for. Informative only.
+CROSS_REFERENCE = [
+    ("cover", "Document control and records: FDA Computer Software Assurance (2025); IEC 62304 configuration management"),
+    ("summary", "EU AI Act Art. 15(3) declared accuracy metrics; FDA draft guidance on AI-enabled device software "
+                "functions (2025), validation; ISO/IEC TR 24029-1 robustness assessment workflow"),
+    ("scope", "GMLP principles 1 and 8; ISO/IEC 24029-2 notion of domain; Carlini et al. 2019 items 1 and 19; "
+              f"MITRE ATLAS {ATLAS_VERSION} AML.T0015 and AML.T0043; EU AI Act Art. 15(5) adversarial examples"),
+    ("system", "FDA draft guidance, model description; Model Cards, model details; ATLAS AML.M0014 Verify AI Artifacts"),
+    ("data", "GMLP principles 3 and 4; CLAIM data, partition and de-identification items; DICOM PS3.15 Annex E"),
+    ("methods", "Carlini et al. 2019 items 8 and 9; ISO/IEC TR 24029-1 clauses 5 and 7; ISO/IEC DIS 24029-3 (draft)"),
+    ("results", "Carlini et al. 2019 items 5-7 and 22; ISO/IEC DIS 24029-3 performance drops and adversarial "
+                "robustness; GMLP principles 8 and 9"),
+    ("defenses", "Carlini et al. 2019 items 2, 12, 13 and 20; ATLAS AML.M0003, AML.M0010, AML.M0015"),
+    ("validity", "Carlini et al. 2019 evaluation checklist; AutoAttack flags; RobustBench model restrictions"),
+    ("limitations", "Model Cards caveats; GMLP principle 9; ISO 14971 and AAMI TIR34971 (findings feed the "
+                    "manufacturer's risk file through each criterion's risk reference)"),
+    ("reproducibility", "PyTorch reproducibility notes; FDA premarket cybersecurity guidance (software bill of "
+                        "materials); ATLAS AML.M0023 and AML.M0025"),
+]
+
+
+class Standards(ReportSection):
+    """Which section gives evidence for which guidance or standard."""
+
+    name, title, order, template = "standards", "Cross-reference to standards and guidance", 120, "sections/standards.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        return {"cross_reference": CROSS_REFERENCE, "titles": {cls.name: cls.title for cls in BUILT_IN}}
+
+
+BUILT_IN = (Cover, Summary, Scope, SystemUnderTest, EvaluationData, Methods, Results, Defenses, Validity,
+            Limitations, Reproducibility, Standards)
+
+
+@hookimpl
+def register_report_sections(register):
+    for cls in BUILT_IN:
+        register(cls)
