@@ -35,7 +35,7 @@ def numbers(results: dict) -> dict:
         "exit_code": results["exit_code"],
         "clean": results["clean"],
         "rows": {f"{r['defense']} | {r['attack']} | {r['epsilon_label']}": {k: v for k, v in r.items() if k not in (
-            "defense", "attack", "epsilon", "epsilon_label")} for r in results["rows"]},
+            "defense", "attack", "epsilon", "epsilon_label", "view", "spec_attack")} for r in results["rows"]},
         "curves": results["curves"],
         "criteria": {c["id"]: {k: c.get(k) for k in ("verdict", "estimate", "ci_low", "ci_high", "n", "reason")}
                      for c in results["acceptance"]["criteria"]},

@@ -139,6 +139,7 @@ def run(
     from medaudit.audits.runner import Runner
     from medaudit.core.environment import require_torchvision
     from medaudit.core.spec import load_spec
+    from medaudit.reports.write import check_reports_possible, write_reports
 
     if resume_dir is not None and run_dir is not None:
         raise MedauditError("--resume and --run-dir exclude each other: --resume already names the run directory")
@@ -155,9 +156,13 @@ def run(
     overrides = {k: v for k, v in {"output_dir": output_dir, "device": device}.items() if v is not None}
     if overrides:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=overrides)})
+    check_reports_possible(spec.report.formats)  # a missing browser stops the run now, not after the audit
     command = shlex.join(["medaudit", *sys.argv[1:]])
+    runner = Runner(spec, host, show_progress=not quiet, command=command)
     with signals_interrupt():
-        outcome = Runner(spec, host, show_progress=not quiet, command=command).run(resume_dir, run_dir=run_dir, force=force)
+        outcome = runner.run(resume_dir, run_dir=run_dir, force=force)
+        write_reports(outcome.run_dir, outcome.results, host, spec.report.formats, runner.data.sensitive_values,
+                      runner.console)
     results = outcome.results
     for c in results["acceptance"]["criteria"]:
         advisory = " (advisory: does not change the verdict)" if c["severity"] == "advisory" else ""

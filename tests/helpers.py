@@ -15,3 +15,16 @@ def accuracy(model, x, y) -> float:
 def run(attack, model, x, y, eps, norm=Norm.LINF, seed=0):
     """``attack.perturb`` with a fresh CPU generator seeded with ``seed``."""
     return attack.perturb(model, x, y, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed))
+
+
+def run_audit(spec, host, resume_dir=None, *, runner=None, **run_options):
+    """What ``medaudit run`` does: run the audit (``runner``, else a quiet :class:`Runner`),
+    then write results.json and the reports. Returns the runner's ``Outcome``."""
+    from medaudit.audits.runner import Runner
+    from medaudit.reports.write import write_reports
+
+    runner = runner or Runner(spec, host, show_progress=False)
+    outcome = runner.run(resume_dir, **run_options)
+    write_reports(outcome.run_dir, outcome.results, host, spec.report.formats, runner.data.sensitive_values,
+                  runner.console)
+    return outcome

@@ -8,7 +8,7 @@ import json
 from medaudit.core.components import Access, LoadedModel
 from medaudit.core.errors import SpecError
 from medaudit.core.host import Host
-from medaudit.core.jobs import ADAPTIVE_SUFFIX, CLEAN, NAIVE, Job
+from medaudit.core.jobs import CLEAN, NAIVE, Job, view_label
 from medaudit.core.spec import NO_DEFENSE, Spec
 
 def _job_id(slug: str, config: dict) -> str:
@@ -17,21 +17,20 @@ def _job_id(slug: str, config: dict) -> str:
 
 
 def plan_jobs(spec: Spec, host: Host) -> list[Job]:
-    """Every job of the audit, clean jobs first, in a stable order. A defense with an
-    adaptive view gets each gradient attack twice: naive, then ``<label>@adaptive``."""
+    """Every job of the audit, clean jobs first, in a stable order. A defense with views
+    (:meth:`Defense.view_names`) gets each gradient attack once more per view:
+    ``<label>@<view>``, after the naive one."""
     jobs: list[Job] = []
     defenses = [(NO_DEFENSE, None)] + [(d.label, d) for d in spec.defenses]
     for d_label, d_ref in defenses:
         d_config = None if d_ref is None else {"name": d_ref.name, "params": d_ref.params}
         config = {"task": spec.task.value, "defense": d_config, "attack": None}
         jobs.append(Job(_job_id(f"{d_label}.clean", config), d_label, CLEAN, None, 0.0, config))
-        has_adaptive = d_ref is not None and bool(host.get("defense", d_ref.name).adaptive)
+        views = host.get("defense", d_ref.name).view_names() if d_ref is not None else {}
         for a_ref in spec.attacks:
-            views = [False]
-            if has_adaptive and host.get("attack", a_ref.name).needs is Access.GRADIENTS:
-                views.append(True)
-            for adaptive in views:
-                label = f"{a_ref.label}{ADAPTIVE_SUFFIX if adaptive else ''}"
+            gradient = host.get("attack", a_ref.name).needs is Access.GRADIENTS
+            for view in [NAIVE, *(views if gradient else ())]:
+                label = view_label(a_ref.label, view)
                 for i, eps in enumerate(spec.threat_model.epsilons):
                     config = {
                         "task": spec.task.value,
@@ -40,11 +39,10 @@ def plan_jobs(spec: Spec, host: Host) -> list[Job]:
                         "norm": spec.threat_model.norm.value,
                         "epsilon": eps,
                     }
-                    if adaptive:
-                        config["adaptive"] = True
+                    if view != NAIVE:  # "adaptive": True keeps the ids of runs made before views had names
+                        config.update({"adaptive": True} if view == "adaptive" else {"view": view})
                     slug = f"{d_label}.{label}.eps{i}"
-                    jobs.append(Job(_job_id(slug, config), d_label, label, a_ref.name, eps, config,
-                                    "adaptive" if adaptive else NAIVE, a_ref.label))
+                    jobs.append(Job(_job_id(slug, config), d_label, label, a_ref.name, eps, config, view, a_ref.label))
     return jobs
 
 

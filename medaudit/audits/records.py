@@ -14,8 +14,9 @@ from typing import Iterable
 
 import torch
 
-from medaudit.audits.rundir import atomic_file
-from medaudit.core.segmentation import dice_per_class, hd95_per_class, iou_per_class, pixel_accuracy
+from medaudit.audits.rundir import atomic_file, write_atomic
+from medaudit.core.components import Facet
+from medaudit.core.jobs import Records
 
 #: Fields of a classification record. Minimum-norm attacks add ``min_norm``: the size of
 #: the smallest fooling perturbation found for the sample (None when none was found).
@@ -41,14 +42,22 @@ def record_path(run_dir: Path, job_id: str) -> Path:
     return run_dir / "records" / f"{job_id}.jsonl"
 
 
+def meta_path(run_dir: Path, job_id: str) -> Path:
+    """``records/<id>.meta.json``: the facets (:class:`Facet`) the job's records hold."""
+    return run_dir / "records" / f"{job_id}.meta.json"
+
+
 def is_done(run_dir: Path, job_id: str) -> bool:
     return record_path(run_dir, job_id).is_file()
 
 
 class RecordWriter:
-    """Appends records of one job; :meth:`commit` makes the job count as done."""
+    """Appends records of one job; :meth:`commit` writes the facets of its records to
+    ``<id>.meta.json`` and then makes the job count as done."""
 
     def __init__(self, run_dir: Path, job_id: str):
+        self.job_id = job_id
+        self.meta = meta_path(run_dir, job_id)
         self.final = record_path(run_dir, job_id)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.final.with_name(self.final.name + ".partial")
@@ -57,7 +66,9 @@ class RecordWriter:
     def write(self, rows: Iterable[dict]) -> None:
         self._file.writelines(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
 
-    def commit(self) -> None:
+    def commit(self, facets: Iterable[Facet]) -> None:
+        meta = {"job": self.job_id, "facets": sorted(Facet(f).value for f in facets)}
+        write_atomic(self.meta, json.dumps(meta, indent=1) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -70,49 +81,44 @@ class RecordWriter:
             self.partial.unlink(missing_ok=True)
 
 
-def read_records(run_dir: Path, job_id: str) -> list[dict]:
-    """Records of a finished job; classification records get the derived
-    ``clean_correct``/``adv_correct`` flags. A case whose outputs were not finite is an
-    error, clean or under attack (records without the flags are from runs that had none).
-    Behind a detector (records with ``clean_rejected``/``adv_rejected``) a rejected clean
-    input is an error, and an input under attack survives if it is classified correctly or
-    rejected."""
-    rows = []
+def read_facets(run_dir: Path, job_id: str, rows: list[dict]) -> frozenset[Facet]:
+    """The facets ``<id>.meta.json`` declares. Records written before meta files existed
+    declare none: their facets are read off the fields of their first record once."""
+    path = meta_path(run_dir, job_id)
+    if path.is_file():
+        return frozenset(Facet(f) for f in json.loads(path.read_text(encoding="utf-8"))["facets"])
+    first = rows[0] if rows else {}
+    legacy = {Facet.CLASSIFICATION: "label", Facet.SEGMENTATION: "adv_dice", Facet.PERTURBATION: "attacked",
+              Facet.FINITE: "clean_finite", Facet.REJECTION: "clean_rejected", Facet.MINIMUM_NORM: "min_norm",
+              Facet.TARGET: "target_dice", Facet.EXTRAS: "extras", Facet.COVARIATES: "covariates"}
+    return frozenset(facet for facet, key in legacy.items() if key in first)
+
+
+def read_records(run_dir: Path, job_id: str) -> Records:
+    """Records of a finished job, with the facets they declare. Classification records get
+    the derived ``clean_correct``/``adv_correct`` flags: a case whose outputs were not finite
+    (facet FINITE) is an error, clean or under attack. Behind a rejecting defense (facet
+    REJECTION) a rejected clean input is an error, and an input under attack survives if it
+    is classified correctly or rejected (a clean job's records have no ``adv_rejected``)."""
     with open(record_path(run_dir, job_id), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if "label" in row:
-                row["clean_correct"] = (
-                    row.get("clean_finite", True) and row["clean_pred"] == row["label"] and not row.get("clean_rejected", False)
-                )
-                row["adv_correct"] = row["clean_correct"] and row.get("adv_finite", True) and (
-                    row["adv_pred"] == row["label"] or row.get("adv_rejected", False)
-                )
-            rows.append(row)
-    return rows
+        rows = [json.loads(line) for line in f]
+    facets = read_facets(run_dir, job_id, rows)
+    if Facet.CLASSIFICATION in facets:
+        finite, rejection = Facet.FINITE in facets, Facet.REJECTION in facets
+        for row in rows:
+            row["clean_correct"] = (
+                (not finite or row["clean_finite"]) and row["clean_pred"] == row["label"]
+                and not (rejection and row["clean_rejected"])
+            )
+            row["adv_correct"] = row["clean_correct"] and (not finite or row["adv_finite"]) and (
+                row["adv_pred"] == row["label"] or (rejection and row.get("adv_rejected", False))
+            )
+    return Records(rows, facets)
 
 
 def has_nonfinite_output(row: dict) -> bool:
     """Did the model give a NaN or Inf output for this case, clean or under attack?"""
     return not (row.get("clean_finite", True) and row.get("adv_finite", True))
-
-
-def dense_scores(
-    pred: torch.Tensor, truth: torch.Tensor, num_classes: int, spacing=None, *, distances: bool = True
-) -> dict[str, list]:
-    """Per-case scores of label maps: per-class ``dice``, ``iou`` (and ``hd95``), and ``pixel_accuracy``."""
-    out: dict[str, list] = {
-        "dice": _rounded(dice_per_class(pred, truth, num_classes)),
-        "iou": _rounded(iou_per_class(pred, truth, num_classes)),
-    }
-    if distances:
-        out["hd95"] = _rounded(hd95_per_class(pred, truth, num_classes, spacing))
-    out["pixel_accuracy"] = [round(v, 6) for v in pixel_accuracy(pred, truth).tolist()]
-    return out
-
-
-def _rounded(t: torch.Tensor) -> list[list[float]]:
-    return [[round(v, 6) for v in row] for row in t.tolist()]
 
 
 def examples_path(run_dir: Path, job_id: str) -> Path:

@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Sequence, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Iterator, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
@@ -201,20 +201,66 @@ class ModelLoader(Component):
 # -- data -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class LoadedData:
-    """An evaluation set in memory: pixel-space images, labels, pseudonymous case ids.
+class _Materialised:
+    """A LoadedData field (``images``, ``masks``) that a lazy data set builds from its cases
+    on first read: small auxiliary sets (a defense's fit data) may read it; the audit engine
+    never does for the evaluation set, which it reads through :meth:`LoadedData.batches`."""
 
-    ``images`` is ``N x C x H x W`` (or ``N x C x D x H x W``) float32 in [0, 1].
-    ``masks`` (segmentation) is ``N x H x W`` integer class maps or None.
+    def __init__(self, name: str):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None  # the dataclass default
+        value = obj.__dict__.get(self.slot)
+        if value is None and obj.__dict__.get("_lazy"):
+            value = obj._materialise(self.name)
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+
+
+class TensorCases:
+    """The cases of an in-memory data set (index -> case dict), so that tensors and lazy
+    readers look the same to the engine. Implements ``torch.utils.data.Dataset``'s protocol."""
+
+    def __init__(self, images: "torch.Tensor", labels: "torch.Tensor", masks: "torch.Tensor | None" = None):
+        self.images, self.labels, self.masks = images, labels, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, "torch.Tensor"]:
+        case = {"image": self.images[i], "label": self.labels[i]}
+        if self.masks is not None:
+            case["mask"] = self.masks[i]
+        return case
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedData:
+    """An evaluation set: its cases, labels, pseudonymous case ids and what the run reports.
+
+    Two ways to build it. In memory: ``images`` is ``N x C x H x W`` (or ``N x C x D x H x W``)
+    float32 in [0, 1], ``masks`` (segmentation) ``N x H x W`` integer class maps or None; they
+    are wrapped as :attr:`cases`. Lazy: pass ``images=None`` and ``cases``, a
+    ``torch.utils.data.Dataset`` mapping an index to ``{"image": C x H x W float32 in [0, 1],
+    "label": int64 scalar, "mask": int64 H x W}`` ("mask" only when ``mask_class_names`` is
+    set), reading or generating one case at a time; ``labels`` stays an in-memory tensor.
+
+    The audit engine reads the evaluation set only through :meth:`batches`, so a lazy set is
+    never held whole; ``images``/``masks`` of a lazy set are built on first read (for small
+    auxiliary sets: a defense's fit data, a universal perturbation's fit images).
     """
 
-    images: "torch.Tensor"
-    labels: "torch.Tensor"
-    case_ids: list[str]
-    class_names: list[str]
-    fingerprint: str
-    masks: "torch.Tensor | None" = None
+    images: "torch.Tensor | None" = _Materialised("images")
+    labels: "torch.Tensor" = None  # type: ignore[assignment]
+    case_ids: list[str] = dataclasses.field(default_factory=list)
+    class_names: list[str] = dataclasses.field(default_factory=list)
+    fingerprint: str = ""
+    masks: "torch.Tensor | None" = _Materialised("masks")
     mask_class_names: list[str] | None = None
     description: str = ""
     #: Voxel/pixel size in mm per spatial axis (D, H, W or H, W) shared by every case, for
@@ -237,13 +283,101 @@ class LoadedData:
     #: True when the pixels may carry burned-in identifying text (DICOM without Burned In
     #: Annotation = NO): the run then keeps no example images and the report shows none.
     pixels_may_identify: bool = False
+    #: The cases, index -> case dict (see above); built from ``images``/``labels``/``masks``
+    #: when not given.
+    cases: Any = None
+    #: Per-case metadata (site, scanner, sex, age band, lesion size...), one dict per case,
+    #: kept in the records (facet COVARIATES); None when the data set has none.
+    covariates: list[dict[str, Any]] | None = None
+    #: Shape of one case's image, ``(C, H, W)`` or ``(C, D, H, W)``; read from the first case
+    #: when not given.
+    image_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sensitive_values, dict):
             self.sensitive_values = dict.fromkeys(self.sensitive_values, UNKNOWN_SOURCE)
+        images = self.__dict__.get("_images")
+        self.__dict__["_lazy"] = self.cases is not None and images is None
+        if self.cases is None:
+            if images is None:
+                raise ValueError("LoadedData needs images or cases")
+            self.cases = TensorCases(images, self.labels, self.__dict__.get("_masks"))
+        if self.labels is None:
+            raise ValueError("LoadedData needs labels (class indices; zeros for segmentation-only data)")
+        if self.image_shape is None:
+            self.image_shape = tuple(images.shape[1:]) if images is not None else tuple(self.cases[0]["image"].shape)
+        self.image_shape = tuple(int(d) for d in self.image_shape)
+        if self.covariates is not None and len(self.covariates) != len(self.case_ids):
+            raise ValueError(f"{len(self.covariates)} covariate rows for {len(self.case_ids)} cases")
 
     def __len__(self) -> int:
         return len(self.case_ids)
+
+    def __repr__(self) -> str:  # never materialises a lazy set
+        return f"LoadedData({len(self)} cases of {self.image_shape}, {self.description!r})"
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_class_names is not None or self.__dict__.get("_masks") is not None
+
+    @property
+    def is_lazy(self) -> bool:
+        """True when the cases are read or generated on demand (no tensor of all images)."""
+        return bool(self.__dict__.get("_lazy"))
+
+    def _materialise(self, name: str) -> "torch.Tensor | None":
+        import torch
+
+        if name == "masks" and not self.has_masks:
+            return None
+        key = {"images": "image", "masks": "mask"}[name]
+        return torch.stack([self.cases[i][key] for i in range(len(self))]).contiguous()
+
+    def batches(
+        self, start: int, stop: int, batch_size: int, workers: int = 0, task: "Task | str | None" = None
+    ) -> "Iterator[tuple[int, torch.Tensor, torch.Tensor]]":
+        """Yield ``(batch_start, x, truth)`` for cases ``[start, stop)`` in batches starting at
+        ``start``, ``start + batch_size``, ...; ``x`` is float32 in [0, 1], ``truth`` the int64
+        class indices (classification) or label maps (segmentation: pass ``task``; without it,
+        a data set with masks is ambiguous and refused). Lazy cases are read through a
+        ``torch.utils.data.DataLoader`` with ``workers`` processes; in-memory ones are sliced."""
+        from torch.utils.data import DataLoader, Subset
+
+        stop = min(stop, len(self))
+        if task is None:
+            if self.has_masks:
+                raise ValueError("this data set has labels and masks: pass task= to batches()")
+            task = Task.CLASSIFICATION
+        use_masks = Task(task) is Task.SEGMENTATION
+        if use_masks and not self.has_masks:
+            raise ValueError("segmentation needs masks; this data set has none")
+        if not self.is_lazy and isinstance(self.cases, TensorCases):
+            truths = self.cases.masks if use_masks else self.labels
+            for b in range(start, stop, batch_size):
+                e = min(b + batch_size, stop)
+                yield b, self.cases.images[b:e], truths[b:e]
+            return
+        loader = DataLoader(
+            Subset(self.cases, range(start, stop)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate_cases,
+        )
+        b = start
+        for batch in loader:
+            x = batch["image"]
+            truth = batch["mask"] if use_masks else self.labels[b : b + len(x)]
+            yield b, x, truth
+            b += len(x)
+
+
+def _collate_cases(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensors of a list of case dicts (the image and truth keys only; metadata
+    stays with :attr:`LoadedData.covariates`)."""
+    import torch
+
+    return {k: torch.stack([torch.as_tensor(c[k]) for c in cases]) for k in ("image", "label", "mask") if k in cases[0]}
 
 
 class Dataset(Component):
@@ -286,6 +420,11 @@ class AttackOutcome:
     adversarial: "torch.Tensor"
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def of(cls, result: "torch.Tensor | AttackOutcome") -> "AttackOutcome":
+        """What :meth:`Attack.perturb` returned, as an outcome (a bare tensor has no extras)."""
+        return result if isinstance(result, AttackOutcome) else cls(result)
+
 
 class Attack(Component):
     """An evasion attack in pixel space.
@@ -303,6 +442,9 @@ class Attack(Component):
     needs: ClassVar[Access] = Access.GRADIENTS
     #: How it searches (:class:`AttackFamily`), for the strength checks.
     family: ClassVar[AttackFamily] = AttackFamily.OTHER
+    #: Names of the extras (:class:`AttackOutcome`) :meth:`perturb` always returns, so the
+    #: records of cases it was not run on (already wrong) hold them too, as None.
+    extra_names: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def perturb(
@@ -349,11 +491,16 @@ class MinimumNormAttack(Attack):
     """An attack that searches for each sample's smallest fooling perturbation (DeepFool,
     C&W, FAB) instead of working within a budget.
 
-    The runner calls :meth:`minimal` once per (defense, attack) and reuses the result for
-    every epsilon: the bounded adversarial at eps is the minimal one projected onto the
-    eps-ball, and each record also carries the minimal perturbation's size (``min_norm``),
-    so one run yields a whole robustness curve.
+    :meth:`perturb` computes the minimal adversarials once per model and batch (cached, and
+    seeded by :meth:`seed_key`, which leaves out the budget) and projects them onto the
+    eps-ball; each record also carries the minimal perturbation's size (``min_norm``; None
+    where none was found), so one run yields a whole robustness curve.
     """
+
+    family: ClassVar[AttackFamily] = AttackFamily.MINIMUM_NORM
+    extra_names: ClassVar[tuple[str, ...]] = ("min_norm",)
+    #: Batches whose minimal adversarials are kept (a recomputed one is the same: same seed).
+    cache_size: ClassVar[int] = 64
 
     @abc.abstractmethod
     def minimal(
@@ -361,12 +508,32 @@ class MinimumNormAttack(Attack):
     ) -> "torch.Tensor":
         """Return adversarials in [0, 1] as close to ``x`` as found (unbounded)."""
 
+    def seed_key(self, job: Any) -> str:
+        """One key per (defense, view, attack): every epsilon job searches the same way."""
+        label = job.spec_attack if job.view == "naive" else f"{job.spec_attack}@{job.view}"
+        return f"{job.defense}.{label}.minimal"
+
     def perturb(self, model, x, y, *, eps, norm, generator):
+        import hashlib
+
+        import torch
+
         from medaudit.core.perturbation import project
 
-        if eps == 0:
-            return x.clone()
-        return project(self.minimal(model, x, y, norm=norm, generator=generator), x, eps, norm)
+        cache = self.__dict__.setdefault("_minimal", {})
+        key = (id(model), hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest(), str(y.tolist()), norm)
+        if key not in cache:
+            x_min = self.minimal(model, x, y, norm=norm, generator=generator).detach()
+            with torch.inference_mode():
+                found = model(x_min).argmax(1) != y
+            flat = (x_min - x).flatten(1)
+            size = flat.abs().amax(1) if norm is Norm.LINF else flat.norm(dim=1)
+            cache[key] = (x_min, [float(s) if f else None for s, f in zip(size.tolist(), found.tolist())])
+            while len(cache) > self.cache_size:
+                cache.pop(next(iter(cache)))
+        x_min, sizes = cache[key]
+        x_adv = project(x_min, x, eps, norm) if eps > 0 else x.clone()
+        return AttackOutcome(x_adv, {"min_norm": sizes})
 
 
 # -- defenses -------------------------------------------------------------------------

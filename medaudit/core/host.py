@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
+import pkgutil
 import sys
 from types import ModuleType
 from typing import Any
@@ -36,38 +37,26 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "medaudit"
 
+#: The package of the built-in plugins: one sub-package per kind (``datasets``, ``attacks``...).
+BUILTIN_PACKAGE = "medaudit.plugins"
+
+
+def builtin_plugins() -> tuple[str, ...]:
+    """Every public module (no leading ``_``) of the kind sub-packages of
+    :data:`BUILTIN_PACKAGE`, in name order: a new built-in family is a new module there and
+    registers exactly as a vendor's plugin does, with no list to edit."""
+    root = importlib.import_module(BUILTIN_PACKAGE)
+    names = []
+    for kind in sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name):
+        if kind.ispkg:
+            package = importlib.import_module(f"{BUILTIN_PACKAGE}.{kind.name}")
+            names += [f"{package.__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name)
+                      if not m.name.startswith("_") and not m.ispkg]
+    return tuple(names)
+
+
 #: Built-in plugin modules, registered exactly as vendor plugins are.
-BUILTIN_PLUGINS = (
-    "medaudit.plugins.datasets.phantom",
-    "medaudit.plugins.datasets.image_folders",
-    "medaudit.plugins.datasets.image_csv",
-    "medaudit.plugins.datasets.nifti",
-    "medaudit.plugins.datasets.dicom_folder",
-    "medaudit.plugins.datasets.dicom_series",
-    "medaudit.plugins.datasets.medmnist",
-    "medaudit.plugins.models.timm",
-    "medaudit.plugins.models.smp",
-    "medaudit.plugins.models.local",
-    "medaudit.plugins.models.onnx",
-    "medaudit.plugins.models.demo",
-    "medaudit.plugins.attacks.gradient",
-    "medaudit.plugins.attacks.minimum_norm",
-    "medaudit.plugins.attacks.autoattack",
-    "medaudit.plugins.attacks.autoattack_seg",
-    "medaudit.plugins.attacks.segmentation",
-    "medaudit.plugins.attacks.onepixel",
-    "medaudit.plugins.attacks.watermark",
-    "medaudit.plugins.attacks.universal",
-    "medaudit.plugins.attacks.art",
-    "medaudit.plugins.defenses.input_transforms",
-    "medaudit.plugins.defenses.trained",
-    "medaudit.plugins.defenses.detectors",
-    "medaudit.plugins.defenses.ensemble",
-    "medaudit.plugins.defenses.detect_then_route",
-    "medaudit.plugins.metrics.classification",
-    "medaudit.plugins.metrics.segmentation",
-    "medaudit.plugins.report.sections",
-)
+BUILTIN_PLUGINS = builtin_plugins()
 
 
 @dataclasses.dataclass

@@ -8,14 +8,14 @@ the list of jobs.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
+from medaudit.core.components import Facet
 from medaudit.core.spec import epsilon_label
 
 CLEAN = "clean"
 #: The view of a defended model every attack gets: the deployed system as it is.
 NAIVE = "naive"
-#: Transitional: the display suffix of the "adaptive" view (the engine rebuild removes its parsing).
-ADAPTIVE_SUFFIX = "@adaptive"
 
 
 def view_label(attack_label: str, view: str) -> str:
@@ -66,3 +66,12 @@ class Job:
         if self.is_clean:
             return f"{self.defense}: clean"
         return f"{self.defense}: {self.attack} eps={self.epsilon_label}"
+
+
+class Records(list):
+    """A job's records (one dict per case) and the facets (:class:`Facet`) they declare:
+    readers ask for a facet, never for the presence of a key."""
+
+    def __init__(self, rows: Iterable[dict] = (), facets: Iterable[Facet] = ()):
+        super().__init__(rows)
+        self.facets: frozenset[Facet] = frozenset(Facet(f) for f in facets)

@@ -1,4 +1,5 @@
-"""Perturbation geometry shared by attacks: steps, projections and random starts under a norm.
+"""What attacks share: steps, projections and random starts under a norm (each delegates to
+the norm's object in :mod:`medaudit.core.norms`), losses, margins and the worst iterate.
 
 Images are in [0, 1]; every function keeps its result there.
 """
@@ -9,42 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from medaudit.core.components import Norm
+from medaudit.core.norms import norm_of, per_sample_l2  # noqa: F401  (per_sample_l2: re-exported for attacks)
 from medaudit.core.segmentation import dense_cross_entropy, dice_per_class, foreground_mean, is_dense, soft_dice_loss
 
 
-def per_sample_l2(t: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each sample, shaped to broadcast against ``t``."""
-    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
-
-
 def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, step: float, norm: Norm) -> torch.Tensor:
-    """One steepest-ascent step of size ``step`` under ``norm``."""
-    if norm is Norm.LINF:
-        return x_adv + step * grad.sign()
-    return x_adv + step * grad / per_sample_l2(grad)
+    """One steepest-ascent step of size ``step`` under ``norm`` (see :mod:`medaudit.core.norms`)."""
+    return norm_of(norm).step(x_adv, grad, step)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
-    """Project onto the eps-ball around ``x`` intersected with the valid range [0, 1]."""
-    delta = x_adv - x
-    if norm is Norm.LINF:
-        delta = delta.clamp(-eps, eps)
-    else:
-        delta = delta * (eps / per_sample_l2(delta)).clamp(max=1.0)
-    # Clipping to [0, 1] moves each coordinate towards x, so it never leaves the ball.
-    return (x + delta).clamp(0.0, 1.0)
+    """Project onto the eps-ball of ``norm`` around ``x`` intersected with the valid range [0, 1]."""
+    return norm_of(norm).project(x_adv, x, eps)
 
 
 def random_start(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator) -> torch.Tensor:
-    """A random point of the eps-ball (uniform per coordinate for L-inf; random direction
-    and radius for L2), clipped to [0, 1]."""
-    if norm is Norm.LINF:
-        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
-    else:
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
-        noise = direction / per_sample_l2(direction) * radius * eps
-    return (x + noise).clamp(0.0, 1.0)
+    """A random point of the eps-ball of ``norm`` around ``x``, clipped to [0, 1]."""
+    return norm_of(norm).random_start(x, eps, generator)
 
 
 def per_sample_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:

@@ -11,6 +11,9 @@ demo models train on it and the dataset plugin serves it.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+
 import torch
 from pydantic import Field
 
@@ -27,6 +30,9 @@ class PhantomParams(Params):
     nodule_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of slices with a nodule.")
     nodule_contrast: float = Field(0.25, gt=0.0, le=0.8, description="Nodule intensity above lung, in [0, 1] units.")
     noise: float = Field(0.03, ge=0.0, le=0.5, description="Std of additive Gaussian noise.")
+    covariates: bool = Field(
+        False, description="Attach per-case covariates: nodule present/absent and its size band (small/large)."
+    )
     depth: int | None = Field(
         None, ge=4, le=512, description="Slices per volume: set it for 3D volumes (N x 1 x depth x size x size); unset for 2D slices."
     )
@@ -104,3 +110,76 @@ def make_phantoms(p: PhantomParams) -> tuple[torch.Tensor, torch.Tensor, torch.T
     mask[spine > 0.5] = 3
     mask[nodule > 0.5] = 4
     return image, has_nodule.long(), mask
+
+
+#: Cases generated together: block 0 is exactly :func:`make_phantoms` of the first
+#: ``min(n, BLOCK)`` cases, so every set of at most BLOCK cases equals the in-memory one.
+BLOCK = 256
+
+
+def block_params(p: PhantomParams, block: int) -> PhantomParams:
+    """The generator params of block ``block`` of ``p``'s cases: block 0 uses ``p.seed``,
+    later blocks a seed derived from (seed, block), so any block can be made on its own."""
+    n = min(BLOCK, p.n - block * BLOCK)
+    if n <= 0:
+        raise IndexError(f"phantom block {block} is past the {p.n} cases")
+    seed = p.seed if block == 0 else int(hashlib.sha256(f"phantom:{p.seed}:{block}".encode()).hexdigest()[:15], 16)
+    return p.model_copy(update={"n": n, "seed": seed})
+
+
+class PhantomCases:
+    """The cases of a phantom set, generated on demand a block at a time (index -> case
+    dict with image, label, mask): a set of any size is never held whole. Keeps the last
+    block made, so reading in order makes each block once (per DataLoader worker)."""
+
+    def __init__(self, p: PhantomParams):
+        self.p = p
+        self._block: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return self.p.n
+
+    def block(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._block is None or self._block[0] != b:
+            self._block = None  # not two blocks at once
+            self._block = (b, make_phantoms(block_params(self.p, b)))
+            _release_freed_memory()
+        return self._block[1]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.p.n:
+            raise IndexError(i)
+        images, labels, masks = self.block(i // BLOCK)
+        j = i % BLOCK
+        return {"image": images[j], "label": labels[j], "mask": masks[j]}
+
+    def draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every case's label and nodule radius, without making any pixels (see :func:`case_draws`)."""
+        parts = [case_draws(block_params(self.p, b)) for b in range(-(-self.p.n // BLOCK))]
+        return torch.cat([a for a, _ in parts]), torch.cat([r for _, r in parts])
+
+
+def _release_freed_memory() -> None:
+    """Hand the generator's freed temporaries back to the system (glibc keeps them in its
+    heap otherwise, and a long stream of blocks would grow the process by fragments)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def case_draws(p: PhantomParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels (``has_nodule``) and nodule radii (fraction of the half-width) that
+    :func:`make_phantoms` draws for ``p``, replaying its random draws up to the radius
+    without the pixels: the labels of a lazy set are known at load for the cost of a few
+    numbers per case. Must follow make_phantoms' draw order (a test compares them)."""
+    g = torch.Generator().manual_seed(p.seed)
+    shape = (p.n, *([1] * (2 if p.depth is None else 3)))
+    for _ in range(9):  # body centre x/y and axes, lung axes, offset and centre, spine radius
+        torch.rand(shape, generator=g)
+    has_nodule = torch.rand(p.n, generator=g) < p.nodule_fraction
+    torch.rand(shape, generator=g)  # side
+    torch.rand(shape, generator=g)  # nodule centre x
+    torch.rand(shape, generator=g)  # nodule centre y
+    radius = (0.05 + (0.09 - 0.05) * torch.rand(shape, generator=g)).clamp_min(3.0 / p.size)
+    return has_nodule.long(), radius.flatten()

@@ -29,6 +29,8 @@ import re
 from pathlib import PurePath
 from typing import Iterable, Mapping
 
+from medaudit.core.errors import PrivacyError
+
 #: Shorter strings read from the input are not guarded: they match too much innocent text.
 MIN_SENSITIVE_LENGTH = 4
 #: A file name that is a number of fewer digits is not guarded (years, counters); record
@@ -121,6 +123,28 @@ def drop_public(sensitive: Mapping[str, str], public: Iterable[str]) -> dict[str
     its own class names)."""
     public = [text.casefold() for text in public]
     return {v: source for v, source in sensitive.items() if not any(v.casefold() in text for text in public)}
+
+
+#: Sources of identifying values a privacy refusal names at most.
+MAX_SOURCES_SHOWN = 5
+
+
+def refuse_leaks(texts: Mapping[str, str], sensitive: Mapping[str, str], refused: str) -> None:
+    """Fail closed (:class:`PrivacyError`) if a text about to be written holds a value the
+    data set flagged as identifying. The message names the texts, a count and where the
+    values came from (a case's file name, a DICOM attribute), never the values."""
+    leaks = {name: leaked_values(text, sensitive) for name, text in texts.items()}
+    where = ", ".join(f"{name} ({len(v)} value{'s' if len(v) > 1 else ''})" for name, v in leaks.items() if v)
+    if where:
+        sources = sorted({sensitive[value] for values in leaks.values() for value in values})
+        shown = "; ".join(sources[:MAX_SOURCES_SHOWN])
+        more = len(sources) - MAX_SOURCES_SHOWN
+        raise PrivacyError(
+            f"refused to {refused}: {where} would hold values read from the input: {shown}"
+            + (f"; and {more} more" if more > 0 else "")
+            + ". Remove the identifying text (from the spec, the command line, a plugin's output or the class "
+            "names) or rename the files, and run again."
+        )
 
 
 def leaked_values(text: str, sensitive: Iterable[str]) -> list[str]:

@@ -137,3 +137,22 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return mask
     pool = F.max_pool3d if mask.dim() == 4 else F.max_pool2d
     return pool(mask[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+
+
+def dense_scores(
+    pred: torch.Tensor, truth: torch.Tensor, num_classes: int, spacing=None, *, distances: bool = True
+) -> dict[str, list]:
+    """Per-case scores of label maps, rounded as records keep them: per-class ``dice``,
+    ``iou`` (and ``hd95``), and ``pixel_accuracy``."""
+    out: dict[str, list] = {
+        "dice": _rounded(dice_per_class(pred, truth, num_classes)),
+        "iou": _rounded(iou_per_class(pred, truth, num_classes)),
+    }
+    if distances:
+        out["hd95"] = _rounded(hd95_per_class(pred, truth, num_classes, spacing))
+    out["pixel_accuracy"] = [round(v, 6) for v in pixel_accuracy(pred, truth).tolist()]
+    return out
+
+
+def _rounded(t: torch.Tensor) -> list[list[float]]:
+    return [[round(v, 6) for v in row] for row in t.tolist()]

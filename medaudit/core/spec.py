@@ -192,6 +192,14 @@ class Criterion(_Section):
 
 class Acceptance(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
+    proportion_interval: Literal["wilson", "clopper-pearson"] = Field(
+        "wilson", description="Interval on proportions (accuracies, rates): Wilson score, or Clopper-Pearson "
+        "(exact: coverage never below the confidence level, wider).",
+    )
+    mean_interval: Literal["bootstrap", "bca"] = Field(
+        "bootstrap", description="Interval on means over cases (Dice...): percentile bootstrap, or BCa "
+        "(bias-corrected and accelerated: better coverage when per-case values are skewed).",
+    )
     criteria: list[Criterion] = Field(default_factory=list)
 
 

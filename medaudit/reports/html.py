@@ -22,6 +22,7 @@ from markupsafe import Markup
 import medaudit
 from medaudit.audits.figures import data_uri
 from medaudit.audits.rundir import write_atomic
+from medaudit.audits.statistics import MEAN_INTERVALS
 from medaudit.core.host import Host
 from medaudit.core.text import label, printable
 
@@ -46,9 +47,9 @@ def metric_text(value: dict | None) -> str:
     """``87.5% [80.1%, 92.4%]`` for proportions, a plain number otherwise."""
     if not value:
         return "–"
-    if value.get("interval") == "bootstrap":
+    if value.get("interval") in MEAN_INTERVALS:
         return f"{_num(value['value'], 3)} [{_num(value['ci_low'], 3)}, {_num(value['ci_high'], 3)}]"
-    if "ci_low" in value:
+    if value.get("interval") is not None:
         return f"{_pct(value['value'])} [{_pct(value['ci_low'])}, {_pct(value['ci_high'])}]"
     return _num(value["value"])
 

@@ -21,6 +21,7 @@ from medaudit.core.models import prepare_for_audit
 from medaudit.core.probes import grad_cam
 from medaudit.audits.figures import amplified, embed_2d, paired_features, strongest_job
 from tests.conftest import spec_text
+from tests.helpers import run_audit
 
 EPS = 4 / 255
 ATTACKS = "attacks:\n  - name: fgsm\n  - name: pgd\n    params: {steps: 3}"
@@ -42,7 +43,7 @@ def run(tmp_dir, host=None, **sections):
     path.write_text(spec_text(attacks=ATTACKS, runtime=runtime, **sections), encoding="utf-8")
     host = host or get_host(load_entry_points=False)
     runner = SnapshotRunner(load_spec(path, host), host, show_progress=False)
-    return runner, runner.run()
+    return runner, run_audit(runner.spec, host, runner=runner)
 
 
 @pytest.fixture(scope="module")

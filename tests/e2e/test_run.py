@@ -19,6 +19,7 @@ from medaudit.cli import cli
 from medaudit.core.components import Attack, Norm, Params
 from medaudit.core.errors import ExitCode, ResumeError
 from medaudit.core.host import get_host
+from tests.helpers import run_audit
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "demo.yaml"
 
@@ -130,7 +131,7 @@ class OverBudgetPlugin:
 def test_budget_violation_makes_the_audit_invalid(write_spec, tmp_path):
     host = get_host(load_entry_points=False, extra_plugins=[("over", OverBudgetPlugin())])
     spec = load_spec(write_spec(attacks="attacks:\n  - name: over-budget", runtime=f"runtime:\n  output_dir: {tmp_path}"), host)
-    outcome = Runner(spec, host, show_progress=False).run()
+    outcome = run_audit(spec, host)
     assert outcome.results["verdict"] == "INVALID" and outcome.exit_code == ExitCode.INVALID
     [check] = [c for c in outcome.results["validity"] if c["id"] == "budget_respected"]
     assert check["status"] == "FAIL"
@@ -154,14 +155,14 @@ def test_interrupted_run_resumes_without_redoing_jobs(write_spec, tmp_path):
     spec_path = write_spec(runtime=f"runtime:\n  device: cpu\n  batch_size: 16\n  output_dir: {tmp_path / 'a'}")
 
     reference_host = get_host(load_entry_points=False)
-    reference = Runner(load_spec(spec_path, reference_host), reference_host, show_progress=False).run()
+    reference = run_audit(load_spec(spec_path, reference_host), reference_host)
 
     stopper = StopAfter(3)
     host = get_host(load_entry_points=False, extra_plugins=[("stopper", stopper)])
     spec = load_spec(spec_path, host).model_copy(deep=True)
     spec.runtime.output_dir = tmp_path / "b"
     with pytest.raises(Exception) as info:
-        Runner(spec, host, show_progress=False).run()
+        run_audit(spec, host)
     assert info.value.exit_code == ExitCode.INTERRUPTED and "--resume" in str(info.value)
     [run_dir] = list((tmp_path / "b" / "tiny").iterdir())
     assert not (run_dir / "results.json").exists()
@@ -170,7 +171,7 @@ def test_interrupted_run_resumes_without_redoing_jobs(write_spec, tmp_path):
 
     counter = StopAfter(-1)
     host = get_host(load_entry_points=False, extra_plugins=[("counter", counter)])
-    resumed = Runner(spec, host, show_progress=False).run(run_dir)
+    resumed = run_audit(spec, host, run_dir)
     assert len(counter.seen) == 7 - 3 and not set(counter.seen) & {n.removesuffix(".jsonl") for n in finished}
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl") if p.name in finished} == finished
     assert _rows(resumed.results) == _rows(reference.results)
@@ -182,10 +183,10 @@ def test_interrupted_run_resumes_without_redoing_jobs(write_spec, tmp_path):
 def test_resume_refuses_a_changed_spec(write_spec, tmp_path):
     host = get_host(load_entry_points=False)
     spec = load_spec(write_spec(attacks="attacks:\n  - name: fgsm", runtime=f"runtime:\n  output_dir: {tmp_path}"), host)
-    outcome = Runner(spec, host, show_progress=False).run()
+    outcome = run_audit(spec, host)
     changed = load_spec(write_spec(attacks="attacks:\n  - name: fgsm\n  - name: pgd", name="changed.yaml"), host)
     with pytest.raises(ResumeError, match="spec_sha256 changed"):
-        Runner(changed, host, show_progress=False).run(outcome.run_dir)
+        run_audit(changed, host, outcome.run_dir)
     result = run_cli(str(write_spec(name="changed2.yaml", attacks="attacks:\n  - name: pgd")), "--resume", str(outcome.run_dir))
     assert result.exit_code == ExitCode.USAGE_ERROR and "cannot resume" in result.output
 
@@ -246,7 +247,7 @@ def test_defenses_multiply_the_plan_and_get_their_own_rows(write_spec, tmp_path)
     acceptance = "acceptance:\n  criteria:\n    - {id: A, metric: robust_accuracy, defense: blur, epsilon: 1/255, op: '>=', threshold: 0.01}"
     spec = load_spec(write_spec(attacks=f"attacks:\n  - name: fgsm\n{text_defenses}", acceptance=acceptance,
                                 runtime=f"runtime:\n  output_dir: {tmp_path}"), host)
-    outcome = Runner(spec, host, show_progress=False).run()
+    outcome = run_audit(spec, host)
     jobs = outcome.results["jobs"]
     assert [j["defense"] for j in jobs].count("blur") == 1 + 3 and [j["defense"] for j in jobs].count("none") == 4
     assert set(outcome.results["clean"]) == {"none", "blur"}
@@ -293,7 +294,7 @@ def test_attack_prepare_fails_before_anything_is_written(write_spec, tmp_path):
     spec = load_spec(write_spec(attacks="attacks:\n  - name: needs-missing-data", runtime=f"runtime:\n  output_dir: {out}"), host)
     NeedsMissingData.prepared = 0
     with pytest.raises(DataError, match="unknown dataset 'no-such-dataset'"):
-        Runner(spec, host, show_progress=False).run()
+        run_audit(spec, host)
     assert NeedsMissingData.prepared == 1 and not out.exists()
 
 
@@ -311,7 +312,7 @@ def test_speed_switches_keep_results_close_and_losses_in_fp32(write_spec, tmp_pa
     assert (fast.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
 
     runtime = f"runtime:\n  device: cpu\n  output_dir: {tmp_path}\n  autocast: bf16\n  channels_last: true"
-    outcome = Runner(load_spec(write_spec(runtime=runtime), host), host, show_progress=False).run()
+    outcome = run_audit(load_spec(write_spec(runtime=runtime), host), host)
     assert outcome.results["spec"]["runtime"]["autocast"] == "bf16"
     assert outcome.results["clean"]["none"]["clean_accuracy"]["value"] > 0.85
 
@@ -353,12 +354,12 @@ def test_planner_refuses_attacks_the_model_cannot_serve(write_spec, tmp_path):
     model = "model:\n  loader: scores-only-demo"
     spec = load_spec(write_spec(model=model, runtime=f"runtime:\n  output_dir: {out}"), host)
     with pytest.raises(SpecError) as info:
-        Runner(spec, host, show_progress=False).run()
+        run_audit(spec, host)
     assert "attack 'fgsm' needs gradients but the model gives decisions, scores" in str(info.value)
     assert "use a score- or decision-based attack" in str(info.value) and not out.exists()
     attacks = "attacks:\n  - name: square\n    params: {queries: 20}"
     spec = load_spec(write_spec(model=model, attacks=attacks, runtime=f"runtime:\n  output_dir: {out}"), host)
-    assert Runner(spec, host, show_progress=False).run().exit_code == ExitCode.PASS
+    assert run_audit(spec, host).exit_code == ExitCode.PASS
 
 
 def test_run_dir_holding_files_is_refused_without_force(write_spec, tmp_path):
@@ -430,5 +431,5 @@ def test_a_model_that_cannot_take_the_data_fails_before_the_run_dir_exists(write
     data = "data:\n  dataset: phantom\n  params: {n: 8, size: 32, seed: 0}"
     spec = load_spec(write_spec(model="model:\n  loader: fixed-size", data=data, runtime=f"runtime:\n  output_dir: {out}"), host)
     with pytest.raises(DataError, match=r"the model cannot run on the data \(case \S+, input of shape \(1, 1, 32, 32\)\)"):
-        Runner(spec, host, show_progress=False).run()
+        run_audit(spec, host)
     assert not out.exists()

@@ -16,6 +16,7 @@ from medaudit.audits.runner import Runner
 from medaudit.core.perturbation import attacker_score
 from medaudit.core.segmentation import case_mean, dice_per_class, foreground_mean
 from tests.conftest import DEMO_UNET_2D, DEMO_UNET_3D
+from tests.helpers import run_audit
 
 
 def mean_dice(model, x, y) -> float:
@@ -72,7 +73,7 @@ runtime: {{device: cpu, batch_size: 4, seed: 0, output_dir: {out}}}
 def run_spec(host, tmp_path, model: dict, data: dict):
     path = tmp_path / "seg.yaml"
     path.write_text(SEG_SPEC.format(model=json.dumps(model), data=json.dumps(data), out=tmp_path / "runs"), encoding="utf-8")
-    return Runner(load_spec(path, host), host, show_progress=False).run()
+    return run_audit(load_spec(path, host), host)
 
 
 @pytest.mark.slow

@@ -17,12 +17,12 @@ from torch import nn
 import medaudit
 from medaudit.audits.records import read_records
 from medaudit.audits.results import gradient_check
-from medaudit.audits.runner import Runner
 from medaudit.core.spec import load_spec
 from medaudit.cli import cli
 from medaudit.core.components import Attack, Norm, Params
 from medaudit.core.errors import ExitCode
 from medaudit.core.host import get_host
+from tests.helpers import run_audit
 
 #: Phantom cases (n=16, size=32, seed=0) with a mean below this: only case 11, past the probe's first 8.
 DARK = 0.11
@@ -302,4 +302,4 @@ def test_an_attack_that_raises_is_not_blamed_on_the_model(tmp_path):
     path.write_text(text, encoding="utf-8")
     spec_ = load_spec(path, host)
     with pytest.raises(RuntimeError, match="a bug in this attack"):
-        Runner(spec_, host, show_progress=False).run(run_dir=tmp_path / "run")
+        run_audit(spec_, host, run_dir=tmp_path / "run")

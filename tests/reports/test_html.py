@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import medaudit
-from medaudit.audits.runner import Runner, physical_budgets
+from medaudit.audits.runner import physical_budgets
 from medaudit.core.spec import load_spec
 from medaudit.cli import cli
 from medaudit.core.components import ReportSection
@@ -23,6 +23,7 @@ from medaudit.core.host import get_host
 from medaudit.plugins.datasets.phantom import Phantom, PhantomParams
 from medaudit.reports.html import render_report
 from tests.conftest import spec_text
+from tests.helpers import run_audit
 
 HOSTILE = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 OUTLINE = ["cover", "summary", "scope", "system", "data", "methods", "results", "defenses", "validity",
@@ -100,7 +101,7 @@ def run(tmp_path_factory):
         intended_use="intended_use:\n  device: Nodule CAD 2.1\n  clinical_task: flags nodules for review\n"
                      "  out_of_scope: [paediatric CT]",
     ))
-    outcome = Runner(load_spec(spec, host), host, show_progress=False).run()
+    outcome = run_audit(load_spec(spec, host), host)
     html = (outcome.run_dir / "report.html").read_text(encoding="utf-8")
     return outcome, host, html
 
@@ -221,7 +222,7 @@ def test_an_output_holding_an_identifying_value_is_refused(where, tmp_path):
         runtime=f"runtime:\n  device: cpu\n  batch_size: 16\n  output_dir: {tmp_path}",
     ))
     with pytest.raises(PrivacyError) as caught:
-        Runner(load_spec(spec, host), host, show_progress=False).run()
+        run_audit(load_spec(spec, host), host)
     message = str(caught.value)
     assert "zebulon" not in message.lower()  # the message names files, never the values
     text = "spec.resolved.yaml" if where == "title" else "class names"

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from medaudit.core.components import Norm
-from medaudit.core.perturbation import ascent_step, margin, project, random_start
+from medaudit.core.perturbation import ascent_step, project, random_start
 
 #: ``objective(x_adv) -> (logits, per-sample loss, gradient of the summed loss)``.
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, Norm, Params
+from medaudit.core.components import Attack, AttackFamily, Norm, Params
 from medaudit.core.perturbation import project
 
 #: ART's names for our norms.
@@ -76,6 +76,7 @@ class ARTAttack(Attack):
     """
 
     name = "art"
+    family = AttackFamily.OTHER
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = ARTParams

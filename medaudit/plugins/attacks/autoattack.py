@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.components import Access, Attack, Norm, Params
+from medaudit.core.components import Access, Attack, AttackFamily, Norm, Params
 from medaudit.core.perturbation import input_gradient, margin, per_sample_l2, project
 from medaudit.plugins.attacks._apgd import apgd, col, p_schedule, random_boxes, targeted_loss
 
@@ -65,6 +65,7 @@ class APGDCE(Attack):
     """
 
     name = "apgd-ce"
+    family = AttackFamily.ITERATIVE
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = APGDParams
@@ -112,6 +113,7 @@ class APGDT(Attack):
     """
 
     name = "apgd-t"
+    family = AttackFamily.ITERATIVE
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = APGDTParams
@@ -195,6 +197,7 @@ class Square(Attack):
     """
 
     name = "square"
+    family = AttackFamily.SCORE_BASED
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     needs = Access.SCORES
@@ -307,6 +310,7 @@ class AutoAttack(Attack):
     """
 
     name = "autoattack"
+    family = AttackFamily.ITERATIVE
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = AutoAttackParams

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, Norm, Params, Task
+from medaudit.core.components import Attack, AttackFamily, Norm, Params, Task
 from medaudit.core.perturbation import attacker_score, project
 from medaudit.core.segmentation import dense_cross_entropy
 from medaudit.plugins.attacks._apgd import apgd_search, col, p_schedule, random_boxes
@@ -90,6 +90,7 @@ class APGDSeg(Attack):
     """
 
     name = "apgd-seg"
+    family = AttackFamily.ITERATIVE
     tasks = frozenset({Task.SEGMENTATION})
     dims = frozenset({2, 3})
     norms = frozenset({Norm.LINF})
@@ -202,6 +203,7 @@ class FABTSeg(Attack):
     """
 
     name = "fab-t-seg"
+    family = AttackFamily.MINIMUM_NORM
     tasks = frozenset({Task.SEGMENTATION})
     dims = frozenset({2, 3})
     norms = frozenset({Norm.LINF})
@@ -288,6 +290,7 @@ class SquareSeg(Attack):
     """
 
     name = "square-seg"
+    family = AttackFamily.SCORE_BASED
     tasks = frozenset({Task.SEGMENTATION})
     dims = frozenset({2, 3})
     norms = frozenset({Norm.LINF})
@@ -378,6 +381,7 @@ class AutoAttackSeg(Attack):
     """
 
     name = "autoattack-seg"
+    family = AttackFamily.ITERATIVE
     tasks = frozenset({Task.SEGMENTATION})
     dims = frozenset({2, 3})
     norms = frozenset({Norm.LINF})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, Norm, Params, Task
+from medaudit.core.components import Attack, AttackFamily, Norm, Params, Task
 from medaudit.core.perturbation import WorstIterate, ascent_step, input_gradient, project, random_start
 
 
@@ -41,6 +41,7 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
+    family = AttackFamily.SINGLE_STEP
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
@@ -77,6 +78,7 @@ class PGD(Attack):
     """
 
     name = "pgd"
+    family = AttackFamily.ITERATIVE
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
@@ -189,6 +191,7 @@ class BIM(Attack):
     """
 
     name = "bim"
+    family = AttackFamily.ITERATIVE
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
@@ -230,6 +233,7 @@ class MIFGSM(Attack):
     """
 
     name = "mifgsm"
+    family = AttackFamily.ITERATIVE
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
@@ -277,6 +281,7 @@ class TIFGSM(Attack):
     """
 
     name = "tifgsm"
+    family = AttackFamily.TRANSFER
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2})

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.components import MinimumNormAttack, Norm, Params
+from medaudit.core.components import AttackFamily, MinimumNormAttack, Norm, Params
 from medaudit.core.perturbation import margin, per_sample_l2
 
 
@@ -36,6 +36,7 @@ class DeepFool(MinimumNormAttack):
     """
 
     name = "deepfool"
+    family = AttackFamily.MINIMUM_NORM
     norms = frozenset({Norm.L2, Norm.LINF})
     dims = frozenset({2, 3})
     Params = DeepFoolParams
@@ -96,6 +97,7 @@ class CarliniWagnerL2(MinimumNormAttack):
     """
 
     name = "cw"
+    family = AttackFamily.MINIMUM_NORM
     norms = frozenset({Norm.L2})
     dims = frozenset({2, 3})
     Params = CWParams

@@ -18,7 +18,8 @@ import torch
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.components import Access, Attack, Norm, Params
+from medaudit.core.components import Access, Attack, AttackFamily, Norm, Params
+from medaudit.core.norms import L0
 
 
 class OnePixelParams(Params):
@@ -45,9 +46,10 @@ class OnePixel(Attack):
 
     * ``linf``: bounded-intensity variant; every changed value is also clipped to
       ``x +- eps``, so ``||x_adv - x||_inf <= eps`` holds exactly (eps >= 1 is unbounded).
-    * ``l0``: eps is the fraction of pixel positions that may change; the attack requires
-      ``pixels <= eps * H * W`` and raises ``ValueError`` otherwise. The intensity is
-      unbounded and ``pixels`` alone sets how many positions change.
+    * ``l0``: eps is the fraction of pixel positions that may change (a position counts once
+      however many of its channels change, as :class:`medaudit.core.norms.L0` measures it);
+      the attack requires ``pixels <= floor(eps * H * W)`` and raises ``ValueError``
+      otherwise. The intensity is unbounded and ``pixels`` alone sets how many positions change.
 
     Under either norm ``eps == 0`` returns the inputs unchanged.
 
@@ -68,6 +70,7 @@ class OnePixel(Attack):
     """
 
     name = "onepixel"
+    family = AttackFamily.SCORE_BASED
     norms = frozenset({Norm.L0, Norm.LINF})
     dims = frozenset({2})
     needs = Access.SCORES
@@ -83,7 +86,7 @@ class OnePixel(Attack):
             return x.clone()
         p: OnePixelParams = self.params
         h, w = x.shape[-2:]
-        if norm is Norm.L0 and p.pixels > eps * h * w * (1 + 1e-9):
+        if norm is Norm.L0 and p.pixels > L0.budget(eps, h * w):  # the rule the budget check measures
             raise ValueError(
                 f"onepixel under l0 reads eps as the fraction of pixels that may change: pixels={p.pixels} "
                 f"needs eps >= {p.pixels}/{h * w} = {p.pixels / (h * w):.6g}, got eps={eps}"

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, AttackContext, Norm, Params, Task
+from medaudit.core.components import Attack, AttackContext, AttackFamily, Norm, Params, Task
 from medaudit.core.perturbation import per_sample_l2, project
 from medaudit.core.segmentation import iou_per_class, one_hot, pixel_accuracy
 from medaudit.core.targets import TargetMask, TargetMaker
@@ -187,6 +187,7 @@ class ASMA(_TargetedSegmentationAttack):
     """
 
     name = "asma"
+    family = AttackFamily.ITERATIVE
     Params = ASMAParams
 
     def perturb(self, model, x, y, *, eps, norm, generator):
@@ -285,6 +286,7 @@ class DAG(_TargetedSegmentationAttack):
     """
 
     name = "dag"
+    family = AttackFamily.ITERATIVE
     Params = DAGParams
 
     def perturb(self, model, x, y, *, eps, norm, generator):
@@ -355,6 +357,7 @@ class DAGMedical(DAG):
     """
 
     name = "dag-medical"
+    family = AttackFamily.ITERATIVE
     Params = DAGMedicalParams
 
 
@@ -440,6 +443,7 @@ class MSA(_TargetedSegmentationAttack):
     """
 
     name = "msa"
+    family = AttackFamily.ITERATIVE
     Params = MSAParams
 
     def __init__(self, params: Params | None = None):

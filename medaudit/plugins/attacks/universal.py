@@ -9,14 +9,16 @@ image. Native torch on the model's device: no numpy, no per-step host synchronis
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import types
 from typing import Any, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, AttackContext, LoadedData, Norm, Params
+from medaudit.core.components import Attack, AttackContext, AttackFamily, LoadedData, Norm, Params
 from medaudit.core.errors import DataError, MedauditError, SpecError
 from medaudit.core.perturbation import input_gradient, per_sample_l2
 
@@ -113,6 +115,7 @@ class UAP(Attack):
     """
 
     name = "uap"
+    family = AttackFamily.UNIVERSAL
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = UAPParams
@@ -121,8 +124,11 @@ class UAP(Attack):
         super().__init__(params)
         #: Images to fit on (CPU), set by prepare(); None: fit on the first batch.
         self._fit_images: torch.Tensor | None = None
-        #: (id(model), eps, norm, targeted_class) -> (model, v); the model is kept so its id stays unique.
-        self._cache: dict[tuple, tuple[torch.nn.Module, torch.Tensor]] = {}
+        #: (model key, eps, norm, targeted_class) -> v; the key is the model's content (:func:`model_key`),
+        #: so a perturbation exported from one process serves the same model in another.
+        self._cache: dict[tuple, torch.Tensor] = {}
+        #: id(model) -> (model, its key): each model is hashed once; kept so its id stays unique.
+        self._keys: dict[int, tuple[torch.nn.Module, str]] = {}
         #: How many perturbations were fitted (tests and logs).
         self.fit_count = 0
         #: zeta (= ||v|| / mean ||x||, threat norm) and fit-set fooling rate of the latest fit.
@@ -149,6 +155,20 @@ class UAP(Attack):
         self._fit_images = data.images
         self._cache.clear()
 
+    def export_state(self) -> dict[str, Any]:
+        """The fit images and every perturbation fitted so far, with the model, budget and
+        target each was fitted for, so another process adds the same ``v`` without fitting."""
+        return {
+            "fit_images": self._fit_images,
+            "perturbations": [{"model": key, "eps": eps, "norm": norm.value, "targeted_class": target, "v": v}
+                              for (key, eps, norm, target), v in self._cache.items()],
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self._fit_images = state["fit_images"]
+        self._cache = {(p["model"], float(p["eps"]), Norm(p["norm"]), p["targeted_class"]): p["v"]
+                       for p in state["perturbations"]}
+
     @staticmethod
     def _check_shape(fit: LoadedData, evaluation: LoadedData) -> None:
         if tuple(fit.images.shape[1:]) != tuple(evaluation.images.shape[1:]):
@@ -167,15 +187,17 @@ class UAP(Attack):
 
     def universal_perturbation(self, model, x, *, eps, norm, generator) -> torch.Tensor:
         """The cached ``v`` (shape ``1 x C x ...``) for this model, eps and norm; fitted on first use."""
-        key = (id(model), float(eps), norm, self.params.targeted_class)
-        hit = self._cache.get(key)
-        if hit is None or hit[0] is not model:
+        known = self._keys.get(id(model))
+        if known is None or known[0] is not model:
+            known = self._keys[id(model)] = (model, model_key(model))
+        key = (known[1], float(eps), norm, self.params.targeted_class)
+        v = self._cache.get(key)
+        if v is None:
             fit = self._fit_images if self._fit_images is not None else x
             if tuple(fit.shape[1:]) != tuple(x.shape[1:]):
                 raise DataError(f"attack uap: fit images are {tuple(fit.shape[1:])}, batch is {tuple(x.shape[1:])}")
-            v = self._fit(model, fit.to(device=x.device, dtype=x.dtype), eps, norm, generator)
-            hit = self._cache[key] = (model, v)
-        return hit[1]
+            v = self._cache[key] = self._fit(model, fit.to(device=x.device, dtype=x.dtype), eps, norm, generator)
+        return v.to(device=x.device, dtype=x.dtype)
 
     def _fit(self, model, images: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator) -> torch.Tensor:
         p: UAPParams = self.params
@@ -249,6 +271,54 @@ def _zeta(v: torch.Tensor, images: torch.Tensor, norm: Norm) -> float:
     else:
         size, ref = v.norm(), images.flatten(1).norm(dim=1).mean()
     return (size / ref.clamp_min(1e-12)).item()
+
+
+def model_key(model: torch.nn.Module) -> str:
+    """sha256 of what the model computes from: its modules' classes, weights and buffers and
+    the public attributes of everything it holds (a detector's fitted statistics, a
+    threshold, a transform's params). Equal for the same defended model built or restored
+    in another process; attributes starting with ``_`` (a view's bound batch) are left out."""
+    memo: dict[int, bytes] = {}
+    return _digest(model, memo, set()).hex()
+
+
+def _digest(obj: Any, memo: dict[int, bytes], stack: set[int]) -> bytes:
+    if id(obj) in memo:
+        return memo[id(obj)]
+    h = hashlib.sha256(type(obj).__qualname__.encode())
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        h.update(repr(obj).encode())
+    elif isinstance(obj, BaseModel):
+        h.update(obj.model_dump_json().encode())
+    elif isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, type)):
+        h.update(getattr(obj, "__qualname__", repr(obj)).encode())
+    elif id(obj) in stack:
+        h.update(b"cycle")
+    else:
+        stack.add(id(obj))
+        if isinstance(obj, types.MethodType):
+            items = [("self", obj.__self__), ("func", obj.__func__)]
+        elif isinstance(obj, dict):
+            items = sorted(((str(k), v) for k, v in obj.items()), key=lambda kv: kv[0])
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            items = list(enumerate(obj if not isinstance(obj, (set, frozenset)) else sorted(obj, key=repr)))
+        elif isinstance(obj, torch.nn.Module):
+            items = [*obj._parameters.items(), *obj._buffers.items(), *obj._modules.items(),
+                     *((k, v) for k, v in sorted(vars(obj).items()) if not k.startswith("_"))]
+        elif hasattr(obj, "__dict__"):
+            items = [(k, v) for k, v in sorted(vars(obj).items()) if not k.startswith("_")]
+        else:
+            items = []
+        for name, value in items:
+            h.update(str(name).encode())
+            h.update(_digest(value, memo, stack))
+        stack.discard(id(obj))
+    memo[id(obj)] = digest = h.digest()
+    return digest
 
 
 @hookimpl

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Access, Attack, Norm, Params
+from medaudit.core.components import Access, Attack, AttackFamily, Norm, Params
 from medaudit.core.perturbation import project
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,7 @@ class Watermark(Attack):
     """
 
     name = "watermark"
+    family = AttackFamily.DECISION_BASED
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2})
     needs = Access.DECISIONS

@@ -2,6 +2,9 @@
 fingerprints, and reading 2D images and masks with Pillow.
 
 Every file must lie inside its folder once symbolic links are resolved (:func:`inside`).
+The file datasets are lazy: the load reads, hashes and checks every file and keeps no pixels;
+each case is read again from its file when the audit asks for it (a file changed since the load
+is refused), through the same decoding code, so it is bit for bit what the load checked.
 Error messages name the file: they go to the user's own console only.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -247,38 +251,108 @@ def size_field():
     )
 
 
-def read_images(
+def decode_image(data: bytes, rel: str, grayscale: bool, size: int | None, dataset: str) -> torch.Tensor:
+    """One image file's bytes as ``C x H x W`` float32 in [0, 1]: decoded, resized to ``size``
+    (when given) and clamped. The load pass and the lazy cases both call it, so a case read
+    later is bit for bit what the load checked."""
+    return finish_image(image_array(open_image(data, rel, "image", dataset), rel, grayscale, dataset), size)
+
+
+def finish_image(arr: np.ndarray, size: int | None) -> torch.Tensor:
+    """A decoded ``C x H x W`` array (:func:`image_array`) resized to ``size`` and clamped to [0, 1]."""
+    x = torch.from_numpy(arr)
+    if size is not None:
+        x = resize_image(x, size)
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+def read_checked(path: Path, digest: str, rel: str, dataset: str) -> bytes:
+    """The bytes of a data file read again for its case; a file changed since the load (whose
+    sha256 is in the fingerprint) is refused rather than audited under the old fingerprint."""
+    try:
+        data, now = read_bytes(path)
+    except OSError as exc:
+        raise DataError(
+            f"{dataset}: cannot read {rel} again ({type(exc).__name__}); was it moved since the load?"
+        ) from None
+    if now != digest:
+        raise DataError(f"{dataset}: {rel} changed since the data set was loaded; load it again")
+    return data
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """Size and modification time of a file, to notice a change between the load and a later read."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def check_stamp(path: Path, stamp: tuple[int, int], rel: str, dataset: str) -> None:
+    """Refuse to read a case's file again when it changed since the load (see :func:`read_checked`)."""
+    try:
+        now = file_stamp(path)
+    except OSError as exc:
+        raise DataError(
+            f"{dataset}: cannot read {rel} again ({type(exc).__name__}); was it moved since the load?"
+        ) from None
+    if now != tuple(stamp):
+        raise DataError(f"{dataset}: {rel} changed since the data set was loaded; load it again")
+
+
+class ImageFileCases:
+    """The cases of a folder of 2D images, read one file per case (``torch.utils.data.Dataset``
+    protocol): holds paths, hashes and params only, so it pickles to DataLoader workers."""
+
+    def __init__(
+        self, root: Path, rels: list[str], hashes: list[str], labels: torch.Tensor, grayscale: bool, size: int | None,
+        dataset: str,
+    ):
+        self.root, self.rels, self.hashes, self.labels = root, list(rels), list(hashes), labels
+        self.grayscale, self.size, self.dataset = grayscale, size, dataset
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rel = self.rels[i]
+        data = read_checked(self.root / rel, self.hashes[i], rel, self.dataset)
+        return {"image": decode_image(data, rel, self.grayscale, self.size, self.dataset), "label": self.labels[i]}
+
+
+def scan_images(
     root: Path, rels: list[str], p: Params, dataset: str
-) -> tuple[torch.Tensor, list[tuple[str, str]], Counter]:
-    """Read the images ``root / rel`` as ``N x C x H x W`` in [0, 1]; also their sha256 and
-    a count of their stored sizes. ``p`` has ``grayscale`` and ``size``."""
-    images, hashes, stored = [], [], Counter()
-    first: tuple[tuple[int, int], str] | None = None
+) -> tuple[list[tuple[str, str]], Counter, tuple[int, ...], tuple[float, float]]:
+    """The load pass over the images ``root / rel``: each is read, hashed and decoded (a bad
+    file fails here), then dropped. Returns their sha256, a count of their stored sizes, the
+    shape of one case (``C x H x W``) and the intensity range in [0, 1]. ``p`` has ``grayscale``
+    and ``size``; without ``size`` every image must have one shape."""
+    hashes, stored = [], Counter()
+    first: tuple[tuple[int, ...], str] | None = None
+    low, high = math.inf, -math.inf
     for rel in rels:
         data, digest = read_bytes(root / rel)
         hashes.append((rel, digest))
-        x = torch.from_numpy(image_array(open_image(data, rel, "image", dataset), rel, p.grayscale, dataset))
-        shape = tuple(x.shape[1:])
+        raw = image_array(open_image(data, rel, "image", dataset), rel, p.grayscale, dataset)
+        shape = tuple(raw.shape[1:])
         stored[shape] += 1
-        if p.size is not None:
-            x = resize_image(x, p.size)
-        elif first is None:
-            first = (shape, rel)
-        elif shape != first[0]:
+        if p.size is None and first is not None and shape != first[0][1:]:
             raise DataError(
                 f"{dataset}: image {rel} is {shape[0]} x {shape[1]} but image {first[1]} is "
-                f"{first[0][0]} x {first[0][1]}; set size to resize them all"
+                f"{first[0][1]} x {first[0][2]}; set size to resize them all"
             )
-        images.append(x)
-    return torch.stack(images).clamp_(0.0, 1.0).contiguous(), hashes, stored
+        x = finish_image(raw, p.size)
+        if first is None:
+            first = (tuple(x.shape), rel)
+        if x.numel():
+            low, high = min(low, float(x.min())), max(high, float(x.max()))
+    return hashes, stored, first[0], (low, high)
 
 
 def describe(
-    dataset: str, classes: list[str], labels: torch.Tensor, images: torch.Tensor, stored: Counter, size: int | None,
-    extra: list[str], sensitive: dict[str, str],
+    dataset: str, classes: list[str], labels: torch.Tensor, shape: tuple[int, ...], value_range: tuple[float, float],
+    stored: Counter, size: int | None, extra: list[str], sensitive: dict[str, str],
 ) -> str:
     """Counts, shapes and intensity range; a part that happens to hold a sensitive value is dropped."""
-    n, c, h, w = images.shape
+    n, (c, h, w) = len(labels), shape
     per_class = Counter(labels.tolist())
     parts = [
         f"{dataset}: {n} images in {len(classes)} classes ("
@@ -289,7 +363,7 @@ def describe(
         + ")",
         "stored H x W "
         + ", ".join(f"{s[0]} x {s[1]} ({k})" for s, k in sorted(stored.items(), key=lambda kv: (-kv[1], kv[0]))),
-        f"intensity range [{float(images.min()):.3g}, {float(images.max()):.3g}]",
+        f"intensity range [{value_range[0]:.3g}, {value_range[1]:.3g}]",
         *extra,
     ]
     return "; ".join(part for part in parts if not leaked_values(part, sensitive))

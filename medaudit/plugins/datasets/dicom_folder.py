@@ -76,7 +76,14 @@ from medaudit.plugins.datasets._dicom import (
     read_pixels,
     voi_values,
 )
-from medaudit.plugins.datasets._files import check_folder, class_folders, fingerprint_of, inside
+from medaudit.plugins.datasets._files import (
+    check_folder,
+    check_stamp,
+    class_folders,
+    file_stamp,
+    fingerprint_of,
+    inside,
+)
 
 def is_dicom_candidate(path: Path) -> bool:
     """``*.dcm``, or a file without an extension that starts with the DICOM prefix."""
@@ -96,6 +103,39 @@ class DicomFolderParams(DicomClassFolderParams):
         "must have the same Rows and Columns.",
     )
     channels: Literal[1, 3] = Field(1, description="Channels of the output: 1, or 3 (the grey image repeated).")
+
+
+def _image(values, info: dict, p: DicomFolderParams) -> torch.Tensor:
+    """One image after the Modality LUT (:func:`read_pixels`) as ``C x H x W`` float32 in [0, 1]:
+    windowed, MONOCHROME1 inverted, resized and repeated to ``channels``. The load pass and the
+    lazy cases both call it, so a case read later is what the load checked."""
+    voi = linear_window(*p.window) if p.window is not None else info["voi"]
+    image = voi_values(values, voi)
+    if info["photometric"] == "MONOCHROME1":
+        image = 1.0 - image
+    x = torch.from_numpy(image)[None]
+    if p.size is not None and tuple(x.shape[1:]) != (p.size, p.size):
+        x = F.interpolate(x[None], size=(p.size, p.size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return x.expand(p.channels, -1, -1).clamp(0.0, 1.0).contiguous()
+
+
+class DicomFileCases:
+    """The cases of dicom-folder, read one file per case (pixels only: the load pass already
+    collected the header values); paths and params only, so it pickles to DataLoader workers."""
+
+    def __init__(self, p: DicomFolderParams, paths: list[Path], stamps, wheres: list[str], labels: torch.Tensor):
+        self.p, self.paths, self.stamps, self.wheres, self.labels = p, list(paths), list(stamps), list(wheres), labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        path, where = self.paths[i], f"{DicomFolder.name}: {self.wheres[i]}"
+        check_stamp(path, self.stamps[i], self.wheres[i], DicomFolder.name)
+        ds = read_dicom(path, where)
+        with quiet_pydicom():
+            values, info = read_pixels(ds, where)
+            return {"image": _image(values, info, self.p), "label": self.labels[i]}
 
 
 class DicomFolder(Dataset):
@@ -137,14 +177,15 @@ class DicomFolder(Dataset):
         case_ids = [pseudonym(key, rel) for rel, _ in hashes]
 
         sensitive: dict[str, str] = {}
-        spec_voi = linear_window(*p.window) if p.window is not None else None
-        images: list[torch.Tensor] = []
+        wheres: list[str] = []
+        stamps = [file_stamp(path) for _, _, path in files]
         facts: dict[str, Counter] = {k: Counter() for k in ("modality", "stored", "bits", "photometric", "window")}
         spacings: list[float] = []
         no_spacing = rescaled = declared_clean = 0
         first: tuple[tuple[int, int], str] | None = None
         for (label, cls, path), case in zip(files, case_ids):
-            where = f"{ds_name}: case {case} in class folder {cls!r}"
+            wheres.append(f"case {case} in class folder {cls!r}")  # names the case, never the file
+            where = f"{ds_name}: {wheres[-1]}"
             sensitive |= file_name_values(path.name, f"file name of case {case}")
             ds = read_dicom(path, where)
             with quiet_pydicom():
@@ -162,39 +203,30 @@ class DicomFolder(Dataset):
             else:
                 spacings += info["spacing"]
 
-            voi = spec_voi if spec_voi is not None else info["voi"]
-            facts["window"]["spec" if p.window is not None else ("file" if voi is not None else "minmax")] += 1
-            image = voi_values(values, voi)
-            if info["photometric"] == "MONOCHROME1":
-                image = 1.0 - image
-            x = torch.from_numpy(image)[None]
-            if p.size is not None:
-                if tuple(x.shape[1:]) != (p.size, p.size):
-                    x = F.interpolate(
-                        x[None], size=(p.size, p.size), mode="bilinear", align_corners=False, antialias=True
-                    )[0]
-            elif first is None:
-                first = (tuple(x.shape[1:]), case)
-            elif tuple(x.shape[1:]) != first[0]:
+            facts["window"]["spec" if p.window is not None else ("file" if info["voi"] is not None else "minmax")] += 1
+            x = _image(values, info, p)
+            if p.size is None and first is not None and tuple(x.shape[1:]) != first[0]:
                 (h0, w0), case0 = first
                 raise DataError(
                     f"{where} is {x.shape[1]} x {x.shape[2]} (Rows x Columns) but case {case0} is {h0} x {w0}; "
                     "set size to resize them all"
                 )
-            images.append(x.expand(p.channels, -1, -1))
-            del ds
+            first = first or (tuple(x.shape[1:]), case)
+            del ds, values, x
 
         # Class names are shown in the report anyway: a value they contain is no secret, and keeping it
         # would make the run refuse to write its own class names.
         sensitive = drop_public(sensitive, classes)
-        images_t = torch.stack(images).clamp_(0.0, 1.0).contiguous()
         labels = torch.tensor([label for label, _, _ in files], dtype=torch.long)
         fingerprint = fingerprint_of(hashes, p.model_dump(mode="json", exclude={"path"}))
+        shape = (p.channels, p.size, p.size) if p.size is not None else (p.channels, *first[0])
         description = self._describe(
-            p, classes, labels, images_t, facts, spacings, no_spacing, rescaled, ignored_files, ignored_folders, sensitive
+            p, classes, labels, shape, facts, spacings, no_spacing, rescaled, ignored_files, ignored_folders, sensitive
         )
         return LoadedData(
-            images=images_t,
+            images=None,
+            cases=DicomFileCases(p, [path for _, _, path in files], stamps, wheres, labels),
+            image_shape=shape,
             labels=labels,
             case_ids=case_ids,
             class_names=list(classes),
@@ -209,14 +241,14 @@ class DicomFolder(Dataset):
         )
 
     def _describe(
-        self, p, classes, labels, images, facts, spacings, no_spacing, rescaled, ignored_files, ignored_folders, sensitive
+        self, p, classes, labels, shape, facts, spacings, no_spacing, rescaled, ignored_files, ignored_folders, sensitive
     ) -> str:
         """Aggregate technical facts only; a part that happens to contain a sensitive value is dropped."""
 
         def counts(counter: Counter, fmt=str) -> str:
             return ", ".join(f"{fmt(k)} ({v})" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
 
-        n, c, h, w = images.shape
+        n, (c, h, w) = len(labels), shape
         per_class = Counter(labels.tolist())
         windows = facts["window"]
         if p.window is not None:

@@ -90,7 +90,15 @@ from medaudit.plugins.datasets._dicom import (
     read_pixels,
     voi_values,
 )
-from medaudit.plugins.datasets._files import check_folder, class_folders, crop_or_pad, fingerprint_of, inside
+from medaudit.plugins.datasets._files import (
+    check_folder,
+    check_stamp,
+    class_folders,
+    crop_or_pad,
+    file_stamp,
+    fingerprint_of,
+    inside,
+)
 
 #: Two slices closer than this (mm, along the normal) are at the same position.
 SAME_POSITION_MM = 1e-3
@@ -349,8 +357,8 @@ class DicomSeries(Dataset):
         ordered = sorted(cases.values(), key=lambda c: (c.label, min(s.rel for s in c.slices)))
         case_ids = [pseudonym(key, c.name) for c in ordered]
 
-        # Second pass: per volume, the full files in slice order.
-        volumes: list[torch.Tensor] = []
+        # Second pass: per volume, the full files in slice order (read, checked, then dropped).
+        stamps = [[file_stamp(item.path) for item in case.slices] for case in ordered]
         facts: dict[str, Counter] = {
             k: Counter() for k in ("modality", "stored", "photometric", "window", "order", "kind", "depth")
         }
@@ -360,7 +368,7 @@ class DicomSeries(Dataset):
         first: tuple[tuple[int, ...], str] | None = None
         for case, case_id in zip(ordered, case_ids):
             where = f"{ds_name}: case {case_id} in class folder {case.cls!r}"
-            volume, info = self._volume(case, case_id, where, p, sensitive)
+            volume, info = _volume(case, case_id, where, p, sensitive)
             declared_clean += info["clean"]
             rescaled += info["rescaled"]
             for k in ("modality", "photometric", "order", "kind"):
@@ -371,27 +379,26 @@ class DicomSeries(Dataset):
             spacings.append(info["spacing"])
             if info["spacing"] is not None:
                 slice_spacings.append(info["spacing"][0])
-            if p.shape is not None:
-                volume = crop_or_pad(volume, p.shape)
-            elif first is None:
-                first = (volume.shape, case_id)
-            elif volume.shape != first[0]:
+            if p.shape is None and first is not None and volume.shape != first[0]:
                 raise DataError(
                     f"{where} is {_fmt(volume.shape)} (D x H x W) but case {first[1]} is {_fmt(first[0])}; set shape to "
                     "crop or pad them all"
                 )
-            volumes.append(torch.from_numpy(volume))
+            first = first or (volume.shape, case_id)
+            del volume
 
         sensitive = drop_public(sensitive, classes)
-        images = torch.stack(volumes).unsqueeze(1).clamp_(0.0, 1.0).contiguous()
+        shape = (1, *(p.shape or first[0]))
         labels = torch.tensor([c.label for c in ordered], dtype=torch.long)
         spacing = spacings[0] if all(s is not None for s in spacings) else None
         description = self._describe(
-            p, classes, labels, images, facts, spacings, slice_spacings, rescaled, ignored_files, ignored_folders,
+            p, classes, labels, shape, facts, spacings, slice_spacings, rescaled, ignored_files, ignored_folders,
             sensitive,
         )
         return LoadedData(
-            images=images,
+            images=None,
+            cases=SeriesCases(p, ordered, case_ids, stamps, labels),
+            image_shape=shape,
             labels=labels,
             case_ids=case_ids,
             class_names=list(classes),
@@ -405,81 +412,8 @@ class DicomSeries(Dataset):
             intensity_unit="HU" if set(facts["modality"]) == {"CT"} else "rescaled intensity units",
         )
 
-    def _volume(
-        self, case: _Case, case_id: str, where: str, p: DicomSeriesParams, sensitive: dict[str, str]
-    ) -> tuple[np.ndarray, dict]:
-        """The windowed ``D x H x W`` float32 volume of a case and its allowlisted facts; the
-        headers' identifying values go into ``sensitive``."""
-        if case.multi_frame:
-            ds = read_dicom(case.slices[0].path, where)
-            with quiet_pydicom():
-                harvest(ds.file_meta, sensitive, f"case {case_id}")
-                harvest(ds, sensitive, f"case {case_id}")
-                values, info = read_pixels(ds, where, multi_frame=True)
-                distances = _frame_distances(ds, len(values), where)
-                fallback = _fallback_spacing(ds)
-            order, slice_spacing, how = _order(distances, None, p.spacing_tolerance, where)
-            values = values[order]
-            infos = [info] * len(values)
-            clean = int(str(getattr(ds, "BurnedInAnnotation", "")).strip().upper() == "NO")
-            kind = "multi-frame file"
-            del ds
-        else:
-            slices = case.slices
-            if len(slices) < 2:
-                raise DataError(
-                    f"{where}: a series of 1 slice; dicom-series reads volumes (use dicom-folder for single images)"
-                )
-            sizes = Counter(s.size for s in slices)
-            if len(sizes) > 1:
-                shown = " and ".join(f"{s[0]} x {s[1]}" if s else "unknown" for s in sorted(sizes, key=str)[:2])
-                raise DataError(f"{where}: slices of different sizes in one series ({shown} Rows x Columns)")
-            with quiet_pydicom():
-                distances = _distances([s.position for s in slices], [s.orientation for s in slices], where)
-            order, slice_spacing, how = _order(distances, [s.instance for s in slices], p.spacing_tolerance, where)
-            planes, infos, clean, fallback = [], [], 0, None
-            for i in order:
-                ds = read_dicom(slices[i].path, where)
-                with quiet_pydicom():
-                    harvest(ds.file_meta, sensitive, f"case {case_id}")
-                    harvest(ds, sensitive, f"case {case_id}")
-                    plane, info = read_pixels(ds, where)
-                    if fallback is None:
-                        fallback = _fallback_spacing(ds)
-                clean += str(getattr(ds, "BurnedInAnnotation", "")).strip().upper() == "NO"
-                if planes and plane.shape != planes[0].shape:
-                    raise DataError(f"{where}: slices of different sizes in one series (decoded pixel data)")
-                planes.append(plane)
-                infos.append(info)
-                del ds
-            values = np.stack(planes)
-            kind = "single-frame series"
-        pixel = [tuple(i["spacing"]) if i["spacing"] is not None else None for i in infos]
-        if len(set(pixel)) > 1 and not (
-            None not in pixel and np.allclose(pixel, pixel[0], rtol=1e-4, atol=1e-6)
-        ):
-            raise DataError(f"{where}: slices with different Pixel Spacing in one volume")
-        if slice_spacing is None:
-            slice_spacing = fallback
-        voi = linear_window(*p.window) if p.window is not None else infos[0]["voi"]
-        volume = voi_values(values, voi)
-        for i, info in enumerate(infos):
-            if info["photometric"] == "MONOCHROME1":
-                volume[i] = 1.0 - volume[i]
-        return volume, {
-            "clean": clean,  # files declaring Burned In Annotation = NO
-            "rescaled": int(any(i["rescaled"] for i in infos)),
-            "modality": infos[0]["modality"],
-            "photometric": infos[0]["photometric"],
-            "stored": tuple(values.shape[1:]),
-            "order": how,
-            "kind": kind,
-            "window_source": "file" if infos[0]["voi"] is not None else "minmax",
-            "spacing": (float(slice_spacing), *pixel[0]) if slice_spacing is not None and pixel[0] is not None else None,
-        }
-
     def _describe(
-        self, p, classes, labels, images, facts, spacings, slice_spacings, rescaled, ignored_files, ignored_folders,
+        self, p, classes, labels, shape, facts, spacings, slice_spacings, rescaled, ignored_files, ignored_folders,
         sensitive,
     ) -> str:
         """Aggregate technical facts only; a part that happens to hold a sensitive value is dropped."""
@@ -487,7 +421,7 @@ class DicomSeries(Dataset):
         def counts(counter: Counter, fmt=str) -> str:
             return ", ".join(f"{fmt(k)} ({v})" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
 
-        n, _, d, h, w = images.shape
+        n, (_, d, h, w) = len(labels), shape
         per_class = Counter(labels.tolist())
         known = [s for s in spacings if s is not None]
         if p.window is not None:
@@ -526,6 +460,109 @@ class DicomSeries(Dataset):
         if ignored_folders:
             parts.append(f"{ignored_folders} subfolders not in classes ignored")
         return "; ".join(part for part in parts if not leaked_values(part, sensitive))
+
+
+def _volume(
+    case: _Case, case_id: str, where: str, p: DicomSeriesParams, sensitive: dict[str, str] | None = None
+) -> tuple[np.ndarray, dict]:
+    """The windowed ``D x H x W`` float32 volume of a case and its allowlisted facts; the
+    headers' identifying values go into ``sensitive`` (the load pass; a lazy read passes None).
+    The load pass and the lazy cases both call it, so a case read later is what the load checked."""
+    if case.multi_frame:
+        ds = read_dicom(case.slices[0].path, where)
+        with quiet_pydicom():
+            if sensitive is not None:
+                harvest(ds.file_meta, sensitive, f"case {case_id}")
+                harvest(ds, sensitive, f"case {case_id}")
+            values, info = read_pixels(ds, where, multi_frame=True)
+            distances = _frame_distances(ds, len(values), where)
+            fallback = _fallback_spacing(ds)
+        order, slice_spacing, how = _order(distances, None, p.spacing_tolerance, where)
+        values = values[order]
+        infos = [info] * len(values)
+        clean = int(str(getattr(ds, "BurnedInAnnotation", "")).strip().upper() == "NO")
+        kind = "multi-frame file"
+        del ds
+    else:
+        slices = case.slices
+        if len(slices) < 2:
+            raise DataError(
+                f"{where}: a series of 1 slice; dicom-series reads volumes (use dicom-folder for single images)"
+            )
+        sizes = Counter(s.size for s in slices)
+        if len(sizes) > 1:
+            shown = " and ".join(f"{s[0]} x {s[1]}" if s else "unknown" for s in sorted(sizes, key=str)[:2])
+            raise DataError(f"{where}: slices of different sizes in one series ({shown} Rows x Columns)")
+        with quiet_pydicom():
+            distances = _distances([s.position for s in slices], [s.orientation for s in slices], where)
+        order, slice_spacing, how = _order(distances, [s.instance for s in slices], p.spacing_tolerance, where)
+        planes, infos, clean, fallback = [], [], 0, None
+        for i in order:
+            ds = read_dicom(slices[i].path, where)
+            with quiet_pydicom():
+                if sensitive is not None:
+                    harvest(ds.file_meta, sensitive, f"case {case_id}")
+                    harvest(ds, sensitive, f"case {case_id}")
+                plane, info = read_pixels(ds, where)
+                if fallback is None:
+                    fallback = _fallback_spacing(ds)
+            clean += str(getattr(ds, "BurnedInAnnotation", "")).strip().upper() == "NO"
+            if planes and plane.shape != planes[0].shape:
+                raise DataError(f"{where}: slices of different sizes in one series (decoded pixel data)")
+            planes.append(plane)
+            infos.append(info)
+            del ds
+        values = np.stack(planes)
+        kind = "single-frame series"
+    pixel = [tuple(i["spacing"]) if i["spacing"] is not None else None for i in infos]
+    if len(set(pixel)) > 1 and not (
+        None not in pixel and np.allclose(pixel, pixel[0], rtol=1e-4, atol=1e-6)
+    ):
+        raise DataError(f"{where}: slices with different Pixel Spacing in one volume")
+    if slice_spacing is None:
+        slice_spacing = fallback
+    voi = linear_window(*p.window) if p.window is not None else infos[0]["voi"]
+    volume = voi_values(values, voi)
+    for i, info in enumerate(infos):
+        if info["photometric"] == "MONOCHROME1":
+            volume[i] = 1.0 - volume[i]
+    return volume, {
+        "clean": clean,  # files declaring Burned In Annotation = NO
+        "rescaled": int(any(i["rescaled"] for i in infos)),
+        "modality": infos[0]["modality"],
+        "photometric": infos[0]["photometric"],
+        "stored": tuple(values.shape[1:]),
+        "order": how,
+        "kind": kind,
+        "window_source": "file" if infos[0]["voi"] is not None else "minmax",
+        "spacing": (float(slice_spacing), *pixel[0]) if slice_spacing is not None and pixel[0] is not None else None,
+    }
+
+def _finish(volume: np.ndarray, p: DicomSeriesParams) -> torch.Tensor:
+    """A windowed volume (:func:`_volume`) as ``1 x D x H x W`` float32 in [0, 1], cropped or padded to ``shape``."""
+    if p.shape is not None:
+        volume = crop_or_pad(volume, p.shape)
+    return torch.from_numpy(volume)[None].clamp(0.0, 1.0).contiguous()
+
+
+class SeriesCases:
+    """The cases of dicom-series, read one volume's files per case (pixels only: the load pass
+    already collected the header values and ordered the slices, whose facts it keeps); paths and
+    header facts only, so it pickles to DataLoader workers."""
+
+    def __init__(self, p: DicomSeriesParams, cases: list[_Case], case_ids: list[str], stamps, labels: torch.Tensor):
+        self.p, self.cases, self.case_ids, self.stamps, self.labels = p, list(cases), list(case_ids), stamps, labels
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        case, case_id = self.cases[i], self.case_ids[i]
+        placed = f"case {case_id} in class folder {case.cls!r}"
+        for item, stamp in zip(case.slices, self.stamps[i]):
+            check_stamp(item.path, stamp, placed, DicomSeries.name)
+        volume, _ = _volume(case, case_id, f"{DicomSeries.name}: {placed}", self.p)
+        return {"image": _finish(volume, self.p), "label": self.labels[i]}
 
 
 def _fmt(values, fmt: str = "{}") -> str:

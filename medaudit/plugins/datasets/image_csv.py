@@ -37,6 +37,7 @@ from medaudit.core.models import file_sha256
 from medaudit.core.privacy import drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import (
     IMAGE_SUFFIXES,
+    ImageFileCases,
     check_class_names,
     check_folder,
     describe,
@@ -44,7 +45,7 @@ from medaudit.plugins.datasets._files import (
     grayscale_field,
     inside,
     list_files,
-    read_images,
+    scan_images,
     size_field,
 )
 
@@ -81,6 +82,12 @@ class ImageCsvParams(Params):
     grayscale: bool = grayscale_field()
     size: int | None = size_field()
     max_cases: int | None = Field(None, ge=1, description="Read only the first cases (sorted by file path).")
+    covariate_columns: list[str] = Field(
+        [],
+        description="Other CSV columns kept as per-case covariates (site, scanner, sex, age band...), which the "
+        "records then hold for breakdowns. Named one by one, since any column written to the outputs must not "
+        "identify a patient.",
+    )
 
     @field_validator("classes")
     @classmethod
@@ -88,8 +95,9 @@ class ImageCsvParams(Params):
         return check_class_names(value)
 
 
-def _csv_rows(p: ImageCsvParams, dataset: str) -> list[tuple[int, str, str]]:
-    """(line number, file, label) of every non-empty row of the CSV, stripped."""
+def _csv_rows(p: ImageCsvParams, dataset: str) -> list[tuple[int, str, str, dict[str, str]]]:
+    """(line number, file, label, covariates) of every non-empty row of the CSV, stripped;
+    covariates maps each of ``covariate_columns`` to the row's value."""
     path, name = p.labels_csv, p.labels_csv.name
     if not path.is_file():
         raise DataError(f"{dataset}: labels_csv not found: {path}")
@@ -101,7 +109,9 @@ def _csv_rows(p: ImageCsvParams, dataset: str) -> list[tuple[int, str, str]]:
                 raise DataError(f"{dataset}: labels_csv {name} is empty; it needs a header row naming its columns")
             header = [h.strip() for h in header]
             columns = {}
-            for what, column in (("file_column", p.file_column), ("label_column", p.label_column)):
+            wanted = [("file_column", p.file_column), ("label_column", p.label_column)]
+            wanted += [(f"covariate_columns[{i}]", c) for i, c in enumerate(p.covariate_columns)]
+            for what, column in wanted:
                 found = [i for i, h in enumerate(header) if h == column]
                 if not found:
                     raise DataError(
@@ -110,7 +120,7 @@ def _csv_rows(p: ImageCsvParams, dataset: str) -> list[tuple[int, str, str]]:
                     )
                 if len(found) > 1:
                     raise DataError(f"{dataset}: labels_csv {name} has {len(found)} columns named {column!r}")
-                columns[what] = found[0]
+                columns[what if what in ("file_column", "label_column") else column] = found[0]
             rows = []
             for fields in reader:
                 if not any(field.strip() for field in fields):
@@ -121,7 +131,8 @@ def _csv_rows(p: ImageCsvParams, dataset: str) -> list[tuple[int, str, str]]:
                         f"{dataset}: labels_csv {name} line {line} has {len(fields)} fields but the header has "
                         f"{len(header)}"
                     )
-                rows.append((line, fields[columns["file_column"]].strip(), fields[columns["label_column"]].strip()))
+                extra = {c: fields[columns[c]].strip() for c in p.covariate_columns}
+                rows.append((line, fields[columns["file_column"]].strip(), fields[columns["label_column"]].strip(), extra))
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -178,7 +189,8 @@ class ImageCsv(Dataset):
 
         listed: dict[str, int] = {}
         cases: list[tuple[str, int, str]] = []  # (file, line, label)
-        for line, value, label in rows:
+        covariates: dict[str, dict[str, str]] = {}
+        for line, value, label, extra in rows:
             if not value:
                 raise DataError(f"{ds}: labels_csv {csv_name} line {line} has no file")
             rel = PurePosixPath(value.replace("\\", "/"))
@@ -195,6 +207,7 @@ class ImageCsv(Dataset):
             if not (p.images / key).is_file():
                 raise DataError(f"{ds}: labels_csv {csv_name} line {line} names {key}, which is not in {p.images}")
             cases.append((key, line, label))
+            covariates[key] = extra
 
         unlisted = sorted(set(list_files(p.images, IMAGE_SUFFIXES, ds)) - set(listed))
         if unlisted and not p.ignore_unlisted:
@@ -210,7 +223,7 @@ class ImageCsv(Dataset):
         rels = [cases[i][0] for i in order]
         labels = torch.tensor([label_index[i] for i in order], dtype=torch.long)
 
-        images, hashes, stored = read_images(p.images, rels, p, ds)
+        hashes, stored, shape, value_range = scan_images(p.images, rels, p, ds)
         csv_hash = file_sha256(p.labels_csv)
         all_hashes = [("images/" + rel, h) for rel, h in hashes] + [("labels_csv", csv_hash)]
         key = pseudonym_key(h for _, h in all_hashes)
@@ -226,13 +239,17 @@ class ImageCsv(Dataset):
         if unlisted:
             extra.append(f"{len(unlisted)} images without a row in the CSV ignored")
         return LoadedData(
-            images=images,
+            images=None,
+            cases=ImageFileCases(p.images, *zip(*hashes), labels, p.grayscale, p.size, ds),  # rels, sha256s
+            image_shape=shape,
             labels=labels,
             case_ids=list(case_ids.values()),
             class_names=classes,
-            fingerprint=fingerprint_of(all_hashes, p.model_dump(mode="json", exclude={"images", "labels_csv"})),
-            description=describe(ds, classes, labels, images, stored, p.size, extra, sensitive),
+            fingerprint=fingerprint_of(all_hashes, p.model_dump(mode="json", exclude={"images", "labels_csv"} | (
+                set() if p.covariate_columns else {"covariate_columns"}))),  # unchanged for sets without covariates
+            description=describe(ds, classes, labels, shape, value_range, stored, p.size, extra, sensitive),
             sensitive_values=sensitive,
+            covariates=[covariates[rel] for rel in rels] if p.covariate_columns else None,
         )
 
 

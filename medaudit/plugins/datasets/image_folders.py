@@ -23,6 +23,7 @@ The file helpers shared with the other file-based datasets are in :mod:`._files`
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from medaudit.core.errors import DataError
 from medaudit.core.privacy import drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import (
     IMAGE_SUFFIXES,
+    ImageFileCases,
     LOSSY_SUFFIXES,
     MASK_SUFFIXES,
     ClassFolderParams,
@@ -51,7 +53,8 @@ from medaudit.plugins.datasets._files import (
     match_by_key,
     open_image,
     read_bytes,
-    read_images,
+    read_checked,
+    scan_images,
     resize_image,
     size_field,
     describe,
@@ -104,6 +107,60 @@ class ImageMaskFolderParams(Params):
         return self
 
 
+def decode_pair(
+    image_bytes: bytes, mask_bytes: bytes, image_name: str, mask_name: str, p: ImageMaskFolderParams, dataset: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One case of image-mask-folder from its files' bytes: the image (``C x H x W`` float32 in
+    [0, 1]) and its mask (``H x W`` int64 class indices), checked, mapped and resized. The load
+    pass and the lazy cases both call it, so a case read later is what the load checked."""
+    image = image_array(open_image(image_bytes, image_name, "image", dataset), image_name, p.grayscale, dataset)
+    mask = mask_array(open_image(mask_bytes, mask_name, "mask", dataset), mask_name, dataset)
+    if mask.shape != image.shape[1:]:
+        raise DataError(
+            f"{dataset}: mask {mask_name} is {mask.shape[0]}x{mask.shape[1]} but its image is "
+            f"{image.shape[1]}x{image.shape[2]}"
+        )
+    if p.mask_values is not None:
+        mask = _map_values(mask, p.mask_values, mask_name, dataset)
+    x, m = torch.from_numpy(image), torch.from_numpy(mask)
+    if p.size is not None and tuple(m.shape) != (p.size, p.size):
+        x = resize_image(x, p.size)
+        m = F.interpolate(m[None, None].double(), size=(p.size, p.size), mode="nearest-exact")[0, 0].round().long()
+    return x.clamp(0.0, 1.0).contiguous(), m.contiguous()
+
+
+def _map_values(mask: np.ndarray, values: list[int], rel: str, dataset: str) -> np.ndarray:
+    lookup = np.asarray(values, dtype=np.int64)
+    order = np.argsort(lookup)
+    pos = np.clip(np.searchsorted(lookup[order], mask), 0, len(values) - 1)
+    found = lookup[order][pos] == mask
+    if not found.all():
+        bad = sorted(set(np.unique(mask[~found]).tolist()))
+        raise DataError(
+            f"{dataset}: mask {rel} has value {bad[0]} not in mask_values {values}"
+            + (f" ({len(bad)} such values)" if len(bad) > 1 else "")
+        )
+    return order[pos].astype(np.int64)
+
+
+class ImageMaskCases:
+    """The cases of image-mask-folder, read one image and mask file per case (see
+    :class:`~._files.ImageFileCases`): paths, hashes and params only, so it pickles."""
+
+    def __init__(self, p: ImageMaskFolderParams, pairs: list[tuple[str, str]], hashes: list[str], dataset: str):
+        self.p, self.pairs, self.hashes, self.dataset = p, list(pairs), list(hashes), dataset
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        (image_name, mask_name), ds = self.pairs[i], self.dataset
+        image_bytes = read_checked(self.p.images / image_name, self.hashes[2 * i], image_name, ds)
+        mask_bytes = read_checked(self.p.masks / mask_name, self.hashes[2 * i + 1], mask_name, ds)
+        x, m = decode_pair(image_bytes, mask_bytes, image_name, mask_name, self.p, ds)
+        return {"image": x, "label": torch.tensor(0), "mask": m}
+
+
 class ImageMaskFolder(Dataset):
     """2D images and segmentation masks from two folders, matched by file stem."""
 
@@ -131,39 +188,27 @@ class ImageMaskFolder(Dataset):
         if p.max_cases is not None:
             pairs = pairs[: p.max_cases]
 
-        images, masks, hashes = [], [], []
-        shape: tuple[int, int] | None = None
-        for image_name, mask_name in pairs:
+        hashes: list[tuple[str, str]] = []
+        shape: tuple[int, ...] | None = None
+        low, high, max_label = math.inf, -math.inf, 0
+        for image_name, mask_name in pairs:  # the load pass: every pair is read and checked, then dropped
             if Path(mask_name).suffix.lower() in LOSSY_SUFFIXES:
                 raise DataError(f"{ds}: mask {mask_name} is a JPEG; JPEG is lossy and alters labels, save masks as PNG")
             image_bytes, image_hash = read_bytes(p.images / image_name)
             mask_bytes, mask_hash = read_bytes(p.masks / mask_name)
             hashes += [("images/" + image_name, image_hash), ("masks/" + mask_name, mask_hash)]
-            image = image_array(open_image(image_bytes, image_name, "image", ds), image_name, p.grayscale, ds)
-            mask = mask_array(open_image(mask_bytes, mask_name, "mask", ds), mask_name, ds)
-            if mask.shape != image.shape[1:]:
-                raise DataError(
-                    f"{ds}: mask {mask_name} is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                    f"{image.shape[1]}x{image.shape[2]}"
-                )
-            if p.mask_values is not None:
-                mask = self._map_values(mask, p.mask_values, mask_name)
-            x, m = torch.from_numpy(image), torch.from_numpy(mask)
-            if p.size is not None:
-                x, m = self._resize(x, m, p.size)
-            elif shape is None:
-                shape = tuple(m.shape)
-            elif tuple(m.shape) != shape:
+            x, m = decode_pair(image_bytes, mask_bytes, image_name, mask_name, p, ds)
+            if p.size is None and shape is not None and tuple(m.shape) != shape[1:]:
                 raise DataError(
                     f"{ds}: image {image_name} is {m.shape[0]}x{m.shape[1]} but earlier images are "
-                    f"{shape[0]}x{shape[1]}; set size to resize them all"
+                    f"{shape[1]}x{shape[2]}; set size to resize them all"
                 )
-            images.append(x)
-            masks.append(m)
+            shape = shape or tuple(x.shape)
+            if x.numel():
+                low, high = min(low, float(x.min())), max(high, float(x.max()))
+            if m.numel():
+                max_label = max(max_label, int(m.max()))
 
-        images_t = torch.stack(images).clamp_(0.0, 1.0).contiguous()
-        masks_t = torch.stack(masks).contiguous()
-        max_label = int(masks_t.max())
         if p.mask_values is not None:
             max_label = max(max_label, len(p.mask_values) - 1)
         names = mask_class_names(max_label, p.class_names, ds)
@@ -174,46 +219,26 @@ class ImageMaskFolder(Dataset):
         for (image_name, mask_name), case in zip(pairs, case_ids):
             sensitive |= file_name_values(image_name, f"file name of case {case}")
             sensitive |= file_name_values(mask_name, f"mask file name of case {case}")
-        n, c, h, w = images_t.shape
+        n, (c, h, w) = len(pairs), shape
         description = (
             f"{ds}: {n} cases, {c} x {h} x {w} ({'grayscale' if c == 1 else 'RGB'}"
             f"{f', resized to {p.size} x {p.size}' if p.size is not None else ''}), "
-            f"intensity range [{float(images_t.min()):.3g}, {float(images_t.max()):.3g}], "
+            f"intensity range [{low:.3g}, {high:.3g}], "
             f"{len(names)} mask classes"
             + (f"; {unmatched_masks} masks without an image were ignored" if unmatched_masks else "")
         )
         return LoadedData(
-            images=images_t,
+            images=None,
+            cases=ImageMaskCases(p, pairs, [h for _, h in hashes], ds),
+            image_shape=shape,
             labels=torch.zeros(n, dtype=torch.long),
             case_ids=case_ids,
             class_names=["image"],
             fingerprint=fingerprint,
-            masks=masks_t,
             mask_class_names=names,
             description=description,
             sensitive_values=drop_public(sensitive, ["image", *names]),
         )
-
-    def _map_values(self, mask: np.ndarray, values: list[int], rel: str) -> np.ndarray:
-        lookup = np.asarray(values, dtype=np.int64)
-        order = np.argsort(lookup)
-        pos = np.clip(np.searchsorted(lookup[order], mask), 0, len(values) - 1)
-        found = lookup[order][pos] == mask
-        if not found.all():
-            bad = sorted(set(np.unique(mask[~found]).tolist()))
-            raise DataError(
-                f"{self.name}: mask {rel} has value {bad[0]} not in mask_values {values}"
-                + (f" ({len(bad)} such values)" if len(bad) > 1 else "")
-            )
-        return order[pos].astype(np.int64)
-
-    @staticmethod
-    def _resize(x: torch.Tensor, m: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if tuple(m.shape) == (size, size):
-            return x, m
-        x = resize_image(x, size)
-        m = F.interpolate(m[None, None].double(), size=(size, size), mode="nearest-exact")[0, 0].round().long()
-        return x, m
 
 
 # -- image-folder ------------------------------------------------------------------------
@@ -267,7 +292,7 @@ class ImageFolder(Dataset):
         if p.max_cases is None:
             cases.sort()  # class by class, by file name
 
-        images, hashes, stored = read_images(p.path, [rel for _, rel in cases], p, ds)
+        hashes, stored, shape, value_range = scan_images(p.path, [rel for _, rel in cases], p, ds)
         labels = torch.tensor([label for label, _ in cases], dtype=torch.long)
         key = pseudonym_key(h for _, h in hashes)
         case_ids = {rel: pseudonym(key, rel) for _, rel in cases}
@@ -284,12 +309,14 @@ class ImageFolder(Dataset):
         if ignored_folders:
             extra.append(f"{ignored_folders} subfolders not in classes ignored")
         return LoadedData(
-            images=images,
+            images=None,
+            cases=ImageFileCases(p.path, *zip(*hashes), labels, p.grayscale, p.size, ds),  # rels, sha256s
+            image_shape=shape,
             labels=labels,
             case_ids=list(case_ids.values()),
             class_names=list(classes),
             fingerprint=fingerprint_of(hashes, p.model_dump(mode="json", exclude={"path"})),
-            description=describe(ds, classes, labels, images, stored, p.size, extra, sensitive),
+            description=describe(ds, classes, labels, shape, value_range, stored, p.size, extra, sensitive),
             sensitive_values=sensitive,
         )
 

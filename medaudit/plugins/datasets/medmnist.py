@@ -24,6 +24,9 @@ identifiers, so no sensitive values are recorded; case ids are pseudonyms of
 
 from __future__ import annotations
 
+import math
+import struct
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -40,6 +43,8 @@ from medaudit.core.privacy import pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import check_class_names, fingerprint_of
 
 SPLITS = ("train", "val", "test")
+#: Cases per chunk of the load pass over the images.
+CHUNK = 1024
 
 
 class MedMnistParams(Params):
@@ -86,32 +91,119 @@ def _label_vector(labels: np.ndarray, key: str, name: str, dataset: str) -> np.n
     return labels.astype(np.int64)
 
 
-def _images(arr: np.ndarray, key: str, name: str, dataset: str) -> tuple[np.ndarray, str]:
-    """``N x C x H x W`` or ``N x 1 x D x H x W`` float32 in [0, 1], and the layout in words."""
+def _layout(arr: np.ndarray, key: str, name: str, dataset: str) -> str:
+    """The layout of an images array in words; its shape and data type are checked."""
     if arr.ndim == 3:
-        arr, layout = arr[:, None], "greyscale 2D"
+        layout = "greyscale 2D"
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3):
-        arr, layout = arr.transpose(0, 3, 1, 2), "greyscale 2D" if arr.shape[-1] == 1 else "RGB 2D"
+        layout = "greyscale 2D" if arr.shape[-1] == 1 else "RGB 2D"
     elif arr.ndim == 4:
-        arr, layout = arr[:, None], "3D"
+        layout = "3D"
     else:
         raise DataError(
             f"{dataset}: {key} of {name} has shape {tuple(arr.shape)}; expected N x H x W, N x H x W x 3 or "
             "N x D x H x W"
         )
-    if arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
-        out = arr.astype(np.float32) / 65535.0
-    elif arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            raise DataError(f"{dataset}: {key} of {name} contains NaN or Inf values")
-        if arr.size and (arr.min() < 0 or arr.max() > 1):
-            raise DataError(f"{dataset}: {key} of {name} has float values outside [0, 1]")
-        out = arr.astype(np.float32)
-    else:
+    if arr.dtype not in (np.uint8, np.uint16) and arr.dtype.kind != "f":
         raise DataError(f"{dataset}: {key} of {name} has data type {arr.dtype}; expected uint8, uint16 or float")
-    return np.ascontiguousarray(out), layout
+    return layout
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    """Stored values as float32 in [0, 1]: uint8 / 255, uint16 / 65535, float as is (checked at load)."""
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / 255.0
+    if values.dtype == np.uint16:
+        return values.astype(np.float32) / 65535.0
+    return values.astype(np.float32)
+
+
+def _case_image(stored: np.ndarray) -> torch.Tensor:
+    """One case of the stored array (``H x W``, ``H x W x C`` or ``D x H x W``) as ``C x H x W``
+    or ``1 x D x H x W`` float32 in [0, 1]."""
+    if stored.ndim == 3 and stored.shape[-1] in (1, 3):
+        stored = stored.transpose(2, 0, 1)
+    else:
+        stored = stored[None]
+    return torch.from_numpy(np.ascontiguousarray(_unit(stored))).clamp_(0.0, 1.0)
+
+
+def _value_range(arr: np.ndarray, key: str, name: str, dataset: str) -> tuple[float, float]:
+    """The range of the cases in [0, 1], read in chunks (a memory-mapped split is never copied
+    whole); NaN, Inf and float values outside [0, 1] are refused."""
+    low, high = np.inf, -np.inf
+    for start in range(0, len(arr), CHUNK):
+        chunk = np.asarray(arr[start : start + CHUNK])
+        if not chunk.size:
+            continue
+        if chunk.dtype.kind == "f":
+            if not np.isfinite(chunk).all():
+                raise DataError(f"{dataset}: {key} of {name} contains NaN or Inf values")
+            if chunk.min() < 0 or chunk.max() > 1:
+                raise DataError(f"{dataset}: {key} of {name} has float values outside [0, 1]")
+        low, high = min(low, chunk.min()), max(high, chunk.max())
+    if low > high:
+        return math.nan, math.nan
+    # the conversion is monotone, so the converted extremes are the extremes of the converted cases
+    ends = np.clip(_unit(np.asarray([low, high], dtype=arr.dtype)), 0.0, 1.0)
+    return float(ends[0]), float(ends[1])
+
+
+def _stored_member(path: Path, key: str) -> tuple[int, str, tuple[int, ...], bool] | None:
+    """Where an uncompressed ``.npz`` member's array lies in the file, for ``np.memmap``:
+    (offset, dtype, shape, Fortran order); None when it is compressed (no way to map it)."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return None
+        with archive.open(info) as member:  # read to the end: a damaged member fails its CRC here
+            while member.read(1 << 24):
+                pass
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            return None
+        return f.tell(), dtype.str, tuple(shape), fortran
+
+
+class NpzCases:
+    """The cases of one MedMNIST split, converted to float32 one case at a time. An uncompressed
+    member is memory-mapped (opened on first read in each process, so the object pickles to
+    DataLoader workers as its path and layout); a compressed one is held as its stored array
+    (uint8: a quarter of the float32 set)."""
+
+    def __init__(self, path: Path, labels: torch.Tensor, stored: np.ndarray | None = None, member=None, stamp=None):
+        self.path, self.labels, self.stored, self.member, self.stamp = path, labels, stored, member, stamp
+        self._map: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_map": None}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def array(self) -> np.ndarray:
+        if self.stored is not None:
+            return self.stored
+        if self._map is None:
+            stat = self.path.stat()
+            if (stat.st_size, stat.st_mtime_ns) != self.stamp:
+                raise DataError(f"medmnist: {self.path.name} changed since the data set was loaded; load it again")
+            offset, dtype, shape, fortran = self.member
+            self._map = np.memmap(self.path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape,
+                                  order="F" if fortran else "C")
+        return self._map
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return {"image": _case_image(np.asarray(self.array()[i])), "label": self.labels[i]}
 
 
 class MedMnist(Dataset):
@@ -148,7 +240,16 @@ class MedMnist(Dataset):
                     f"{ds}: {name} has no {' or '.join(missing)} (keys: {', '.join(keys) or 'none'}); is it a "
                     "MedMNIST file?"
                 )
-            raw_images = _array(npz, image_key, name, ds)
+            try:
+                member = _stored_member(p.path, image_key)
+            except Exception as exc:  # zipfile and numpy raise many types for damaged members
+                raise DataError(f"{ds}: cannot read array {image_key} of {name}: {type(exc).__name__}: {exc}") from None
+            if member is not None:  # mapped, not read: a split of any size is never held whole
+                stat = p.path.stat()
+                stamp = (stat.st_size, stat.st_mtime_ns)
+                raw_images = NpzCases(p.path, torch.zeros(0), member=member, stamp=stamp).array()
+            else:
+                raw_images = _array(npz, image_key, name, ds)
             labels = _label_vector(_array(npz, label_key, name, ds), label_key, name, ds)
             split_sizes = {}
             largest = int(labels.max()) if labels.size else -1
@@ -168,7 +269,8 @@ class MedMnist(Dataset):
             raise DataError(f"{ds}: the {p.split} split of {name} is empty")
         split_sizes[p.split] = total
         n = total if p.max_cases is None else min(p.max_cases, total)
-        images, layout = _images(raw_images[:n], image_key, name, ds)
+        layout = _layout(raw_images, image_key, name, ds)
+        value_range = _value_range(raw_images[:n], image_key, name, ds)
         labels = labels[:n]
         if p.classes is not None:
             if largest >= len(p.classes):
@@ -177,11 +279,15 @@ class MedMnist(Dataset):
         else:
             classes = [f"class{i}" for i in range(largest + 1)]
 
-        images_t = torch.from_numpy(images).clamp_(0.0, 1.0)
         labels_t = torch.from_numpy(labels)
+        if member is not None:
+            cases = NpzCases(p.path, labels_t, member=member, stamp=stamp)
+        else:  # a compressed member cannot be mapped: keep the stored split (not a float32 copy)
+            cases = NpzCases(p.path, labels_t, stored=raw_images[:n].copy() if n < total else raw_images)
+        image_shape = tuple(cases[0]["image"].shape)
         key = pseudonym_key([digest])
         per_class = Counter(labels.tolist())
-        shape = " x ".join(str(s) for s in images_t.shape[1:])
+        shape = " x ".join(str(s) for s in image_shape)
         description = "; ".join(
             [
                 f"{ds}: {n} {p.split} images"
@@ -192,11 +298,13 @@ class MedMnist(Dataset):
                 f"{shape} ({layout}, {'C x D x H x W' if layout == '3D' else 'C x H x W'})",
                 f"stored as {raw_images.dtype}",
                 "split sizes " + ", ".join(f"{s} {split_sizes[s]}" for s in SPLITS if s in split_sizes),
-                f"intensity range [{float(images_t.min()):.3g}, {float(images_t.max()):.3g}]",
+                f"intensity range [{value_range[0]:.3g}, {value_range[1]:.3g}]",
             ]
         )
         return LoadedData(
-            images=images_t.contiguous(),
+            images=None,
+            cases=cases,
+            image_shape=image_shape,
             labels=labels_t,
             case_ids=[pseudonym(key, f"{p.split}/{i}") for i in range(n)],
             class_names=classes,

@@ -48,7 +48,9 @@ from medaudit.core.models import file_sha256
 from medaudit.core.privacy import distinctive, drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import (
     check_folder,
+    check_stamp,
     crop_or_pad,
+    file_stamp,
     fingerprint_of,
     index_by_key,
     label_map,
@@ -192,6 +194,55 @@ def _fmt(values) -> str:
     return " x ".join(f"{v:g}" for v in values)
 
 
+def _read_case(p: NiftiParams, image_name: str, label_name: str, case: str, dataset: str):
+    """One case read and checked: its scaled (and cropped or padded) ``D x H x W`` float32 volume,
+    its int64 label map and its facts (raw intensity range, spacing, stored orientation, header
+    texts). The load pass and the lazy cases both call it, so a case read later is what the
+    load checked."""
+    vol, spacing, codes, affine, texts = _read(
+        p.images / image_name, image_name, "volume", dataset, labels=False, max_voxels=p.max_voxels
+    )
+    lab, _, _, label_affine, label_texts = _read(
+        p.labels / label_name, label_name, "label map", dataset, labels=True, max_voxels=p.max_voxels
+    )
+    if not np.isfinite(vol).all():
+        raise DataError(f"{dataset}: volume {image_name} contains NaN or Inf voxels")
+    lab = label_map(lab, label_name, dataset)
+    if lab.shape != vol.shape:
+        raise DataError(
+            f"{dataset}: label map {label_name} is {_fmt(lab.shape)} (D x H x W) but its volume is {_fmt(vol.shape)}"
+        )
+    if not np.allclose(label_affine, affine, rtol=0, atol=AFFINE_ATOL):
+        raise DataError(
+            f"{dataset}: case {case}: the affine of its label map differs from its volume's, so the two do not lie "
+            "on one voxel grid in the world; resample the label map onto the volume's grid"
+        )
+    value_range = (float(vol.min()), float(vol.max())) if vol.size else None
+    vol = _scale(vol, p.intensity_range)
+    if p.shape is not None:
+        vol, lab = crop_or_pad(vol, p.shape), crop_or_pad(lab, p.shape)
+    facts = {"range": value_range, "spacing": spacing, "codes": codes, "texts": texts, "label_texts": label_texts}
+    return vol, lab, facts
+
+
+class NiftiCases:
+    """The cases of a nifti set, read one volume and label map per case with nibabel (see
+    :func:`_read_case`); paths and params only, so it pickles to DataLoader workers."""
+
+    def __init__(self, p: NiftiParams, pairs, case_ids: list[str], stamps, dataset: str):
+        self.p, self.pairs, self.case_ids, self.stamps, self.dataset = p, list(pairs), list(case_ids), stamps, dataset
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        (image_name, label_name), p, ds = self.pairs[i], self.p, self.dataset
+        check_stamp(p.images / image_name, self.stamps[i][0], image_name, ds)
+        check_stamp(p.labels / label_name, self.stamps[i][1], label_name, ds)
+        vol, lab, _ = _read_case(p, image_name, label_name, self.case_ids[i], ds)
+        return {"image": torch.from_numpy(vol)[None], "label": torch.tensor(0), "mask": torch.from_numpy(lab)}
+
+
 class Nifti(Dataset):
     """3D volumes and label maps from two folders of NIfTI files (D x H x W = Z, Y, X)."""
 
@@ -230,57 +281,37 @@ class Nifti(Dataset):
         key = pseudonym_key(h for _, h in hashes)
         case_ids = [pseudonym(key, image_name) for image_name, _ in pairs]
 
-        images, labels, spacings, orientations = [], [], [], []
+        spacings, orientations, stamps = [], [], []
         sensitive: dict[str, str] = {}
-        raw_min, raw_max = math.inf, -math.inf
+        raw_min, raw_max, max_label = math.inf, -math.inf, 0
         shape: tuple[int, ...] | None = None
-        for (image_name, label_name), case in zip(pairs, case_ids):
-            vol, spacing, codes, affine, texts = _read(
-                p.images / image_name, image_name, "volume", ds, labels=False, max_voxels=p.max_voxels
-            )
-            lab, _, _, label_affine, label_texts = _read(
-                p.labels / label_name, label_name, "label map", ds, labels=True, max_voxels=p.max_voxels
-            )
-            for what, name, header in (("volume", image_name, texts), ("label map", label_name, label_texts)):
+        for (image_name, label_name), case in zip(pairs, case_ids):  # the load pass: read, check, drop
+            stamps.append((file_stamp(p.images / image_name), file_stamp(p.labels / label_name)))
+            vol, lab, facts = _read_case(p, image_name, label_name, case, ds)
+            headers = (("volume", image_name, facts["texts"]), ("label map", label_name, facts["label_texts"]))
+            for what, name, header in headers:
                 sensitive |= {text: f"NIfTI header {field} of the {what} of case {case}" for text, field in header.items()}
                 source = f"{what} file name of case {case}"
                 sensitive |= file_name_values(name, source) | file_name_values(_key(name), source)
-            if not np.isfinite(vol).all():
-                raise DataError(f"{ds}: volume {image_name} contains NaN or Inf voxels")
-            lab = label_map(lab, label_name, ds)
-            if lab.shape != vol.shape:
-                raise DataError(
-                    f"{ds}: label map {label_name} is {_fmt(lab.shape)} (D x H x W) but its volume is {_fmt(vol.shape)}"
-                )
-            if not np.allclose(label_affine, affine, rtol=0, atol=AFFINE_ATOL):
-                raise DataError(
-                    f"{ds}: case {case}: the affine of its label map differs from its volume's, so the two do not lie "
-                    "on one voxel grid in the world; resample the label map onto the volume's grid"
-                )
-            if vol.size:
-                raw_min, raw_max = min(raw_min, float(vol.min())), max(raw_max, float(vol.max()))
-            vol = _scale(vol, p.intensity_range)
-            if p.shape is not None:
-                vol, lab = crop_or_pad(vol, p.shape), crop_or_pad(lab, p.shape)
-            elif shape is None:
-                shape = vol.shape
-            elif vol.shape != shape:
+            if facts["range"] is not None:
+                raw_min, raw_max = min(raw_min, facts["range"][0]), max(raw_max, facts["range"][1])
+            if p.shape is None and shape is not None and vol.shape != shape:
                 raise DataError(
                     f"{ds}: volume {image_name} is {_fmt(vol.shape)} (D x H x W) but earlier volumes are "
                     f"{_fmt(shape)}; set shape to crop or pad them all"
                 )
-            images.append(torch.from_numpy(vol))
-            labels.append(torch.from_numpy(lab))
-            spacings.append(spacing)
-            orientations.append(codes)
+            shape = shape or vol.shape
+            if lab.size:
+                max_label = max(max_label, int(lab.max()))
+            spacings.append(facts["spacing"])
+            orientations.append(facts["codes"])
+            del vol, lab
 
-        images_t = torch.stack(images).unsqueeze(1).contiguous()
-        masks_t = torch.stack(labels).contiguous()
-        names = mask_class_names(int(masks_t.max()), p.class_names, ds)
+        names = mask_class_names(max_label, p.class_names, ds)
         fingerprint = fingerprint_of(hashes, p.model_dump(mode="json", exclude={"images", "labels", "max_voxels"}))
 
         same_spacing = all(np.allclose(s, spacings[0], rtol=1e-4, atol=1e-6) for s in spacings)
-        n, _, d, h, w = images_t.shape
+        n, (d, h, w) = len(pairs), shape
         scaled = (
             f"intensity range [{p.intensity_range[0]:g}, {p.intensity_range[1]:g}] mapped to [0, 1]"
             if p.intensity_range is not None
@@ -300,12 +331,13 @@ class Nifti(Dataset):
         if unmatched:
             parts.append(f"{unmatched} label maps without a volume were ignored")
         return LoadedData(
-            images=images_t,
+            images=None,
+            cases=NiftiCases(p, pairs, case_ids, stamps, ds),
+            image_shape=(1, d, h, w),
             labels=torch.zeros(n, dtype=torch.long),
             case_ids=case_ids,
             class_names=["image"],
             fingerprint=fingerprint,
-            masks=masks_t,
             mask_class_names=names,
             description="; ".join(parts),
             spacing=tuple(spacings[0]) if same_spacing else None,

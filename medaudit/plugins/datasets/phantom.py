@@ -12,9 +12,12 @@ import json
 
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, LoadedData, Task
-from medaudit.core.phantoms import CLASS_NAMES, MASK_CLASSES, PhantomParams, make_phantoms
+from medaudit.core.phantoms import CLASS_NAMES, MASK_CLASSES, PhantomCases, PhantomParams, make_phantoms
 
 __all__ = ["CLASS_NAMES", "MASK_CLASSES", "Phantom", "PhantomParams", "make_phantoms"]
+
+#: Part of the fingerprint: bump it when the generator's output for the same params changes.
+GENERATOR_VERSION = "phantom-blocks-1"
 
 
 class Phantom(Dataset):
@@ -26,22 +29,33 @@ class Phantom(Dataset):
     Params = PhantomParams
 
     def load(self) -> LoadedData:
+        """A lazy set: cases are generated a block at a time when read (see
+        :class:`~medaudit.core.phantoms.PhantomCases`); labels (and covariates) come from the
+        generator's per-case draws, without pixels. The images are fully determined by the
+        params, so the fingerprint digests the params and the generator's version."""
         p: PhantomParams = self.params
-        images, labels, masks = make_phantoms(p)
+        cases = PhantomCases(p)
+        labels, radius = cases.draws()
         case_ids = [f"phantom-{p.seed}-{i:05d}" for i in range(p.n)]
         shape = f"{p.size}x{p.size}" if p.depth is None else f"{p.depth}x{p.size}x{p.size}"
         kind = "slices" if p.depth is None else "volumes"
-        digest = hashlib.sha256(json.dumps(p.model_dump(), sort_keys=True).encode())
-        digest.update(images.numpy().tobytes())
+        digest = hashlib.sha256(json.dumps({"generator": GENERATOR_VERSION, **p.model_dump()}, sort_keys=True).encode())
+        covariates = None
+        if p.covariates:
+            covariates = [{"nodule": "present" if has else "absent", "nodule_size": (("small" if r < 0.07 else "large") if has else None)}
+                          for has, r in zip(labels.tolist(), radius.tolist())]
+        image_shape = (1, p.size, p.size) if p.depth is None else (1, p.depth, p.size, p.size)
         return LoadedData(
-            images=images,
+            images=None,
             labels=labels,
             case_ids=case_ids,
             class_names=CLASS_NAMES,
             fingerprint=digest.hexdigest(),
-            masks=masks,
             mask_class_names=MASK_CLASSES,
             description=f"phantom: {p.n} synthetic {shape} CT-like {kind} (seed {p.seed}); synthetic, no patient data",
+            cases=cases,
+            covariates=covariates,
+            image_shape=image_shape,
         )
 
 

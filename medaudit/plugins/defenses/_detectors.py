@@ -228,6 +228,15 @@ def _pick_class(per_class: torch.Tensor, class_ids: torch.Tensor, predicted: tor
     return torch.where(found, per_class.gather(1, pos.unsqueeze(1)).squeeze(1), fallback)
 
 
+def _to(value, device: torch.device | None):
+    """``value`` (a tensor, or lists of them) on ``device``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value if device is None else value.to(device)
+    if isinstance(value, (list, tuple)):
+        return [_to(v, device) for v in value]
+    return value
+
+
 class Combiner:
     """Turns a detector's per-sample features (``N x F``: one column per layer, or KD and
     BU) into one score, higher = adversarial.
@@ -275,6 +284,19 @@ class Combiner:
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         return ((feats - self.mean) / self.std) @ self.weight + self.bias
 
+    def export_state(self) -> dict:
+        """What :meth:`fit` learnt, as tensors (see :meth:`Detector.export_state`)."""
+        return {"orientation": self.orientation, "mean": self.mean, "std": self.std, "weight": self.weight,
+                "bias": self.bias, "supervised": self.supervised}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | None = None) -> "Combiner":
+        combiner = cls(state["orientation"].tolist())
+        for name in ("mean", "std", "weight", "bias"):
+            setattr(combiner, name, _to(state[name], device))
+        combiner.supervised = bool(state["supervised"])
+        return combiner
+
 
 def _noisy_copies(images: torch.Tensor, adv_images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Feinman et al.'s noisy negatives: Gaussian noise whose expected L2 norm matches the
@@ -321,6 +343,27 @@ class Detector(abc.ABC):
     def score(self, model, x: torch.Tensor) -> torch.Tensor:
         """``N`` scores, higher = more likely adversarial; differentiable w.r.t. ``x``
         when gradients are enabled and ``x`` requires grad."""
+
+    #: Fitted attributes kept as they are by :meth:`export_state` (tensors, lists of them,
+    #: numbers, strings); subclasses add what needs more (a combiner, networks).
+    STATE: ClassVar[tuple[str, ...]] = ()
+
+    def export_state(self) -> dict:
+        """Everything :meth:`fit` learnt, as tensors, numbers, strings, lists and dicts (so
+        ``torch.save`` and ``torch.load(weights_only=True)`` keep it), for :meth:`load_state`
+        in another process: scoring then needs no refit."""
+        self._require_fitted()
+        state = {name: getattr(self, name) for name in self.STATE}
+        state["threshold"] = self.threshold
+        return state
+
+    def load_state(self, state: dict, device: torch.device | None = None) -> "Detector":
+        """Take back :meth:`export_state`'s state (tensors moved to ``device``) instead of fitting."""
+        for name in self.STATE:
+            setattr(self, name, _to(state[name], device))
+        self.threshold = _to(state["threshold"], device)
+        self.fitted = True
+        return self
 
     def threshold_at_fpr(self, clean_scores: torch.Tensor, fpr: float = 0.05) -> torch.Tensor:
         """Set and return :attr:`threshold`: at most ``fpr`` of ``clean_scores`` lie above it."""
@@ -404,6 +447,17 @@ class MahalanobisDetector(Detector):
 
     name = "mahalanobis"
     Params = MahalanobisParams
+    STATE = ("layers", "class_ids", "means", "whiteners", "shrinkages")
+
+    def export_state(self) -> dict:
+        state = super().export_state()
+        state["combiner"] = None if self.combiner is None else self.combiner.export_state()
+        return state
+
+    def load_state(self, state, device=None):
+        super().load_state(state, device)
+        self.combiner = None if state["combiner"] is None else Combiner.from_state(state["combiner"], device)
+        return self
 
     def fit(self, model, images, labels, generator, adv_images=None):
         p: MahalanobisParams = self.params
@@ -544,6 +598,15 @@ class KernelDensityDetector(Detector):
     name = "kernel-density"
     Params = KernelDensityParams
     uses_adversarial = True
+    STATE = ("class_ids", "train_features", "bandwidth", "_seed")
+
+    def export_state(self) -> dict:
+        return dict(super().export_state(), combiner=self.combiner.export_state())
+
+    def load_state(self, state, device=None):
+        super().load_state(state, device)
+        self.combiner = Combiner.from_state(state["combiner"], device)
+        return self
 
     def fit(self, model, images, labels, generator, adv_images=None):
         p: KernelDensityParams = self.params
@@ -728,6 +791,15 @@ class LIDDetector(Detector):
     name = "lid"
     Params = LIDParams
     uses_adversarial = True
+    STATE = ("layers", "references")
+
+    def export_state(self) -> dict:
+        return dict(super().export_state(), combiner=self.combiner.export_state())
+
+    def load_state(self, state, device=None):
+        super().load_state(state, device)
+        self.combiner = Combiner.from_state(state["combiner"], device)
+        return self
 
     def fit(self, model, images, labels, generator, adv_images=None):
         p: LIDParams = self.params
@@ -817,6 +889,15 @@ class UADDetector(Detector):
     name = "uad"
     Params = UADParams
 
+    def export_state(self) -> dict:
+        return dict(super().export_state(), mgm=self.mgm.export_state(), mgm_params=self.mgm.params.model_dump(mode="json"))
+
+    def load_state(self, state, device=None):
+        super().load_state(state, device)
+        params = MahalanobisParams.model_validate(state["mgm_params"])
+        self.mgm = MahalanobisDetector(params).load_state(state["mgm"], device)
+        return self
+
     def fit(self, model, images, labels, generator, adv_images=None):
         p: UADParams = self.params
         n = len(images)
@@ -883,6 +964,26 @@ class ShieldDetector(Detector):
 
     name = "shield"
     Params = ShieldParams
+    STATE = ("layer",)
+
+    def export_state(self) -> dict:
+        # Classes that borrowed the fallback network share it: each keeps its own copy of the weights.
+        first = self.nets[0]
+        shape = {"in_channels": first[0].in_channels, "num_classes": first[-1].out_features,
+                 "dims": first[0].weight.dim() - 2}
+        return dict(super().export_state(), nets=[net.state_dict() for net in self.nets], **shape)
+
+    def load_state(self, state, device=None):
+        super().load_state(state, device)
+        self.nets = nn.ModuleList()
+        for weights in state["nets"]:
+            net = _shield_net(state["in_channels"], state["num_classes"], self.params.widths, state["dims"])
+            net.load_state_dict(weights)
+            net.to(device if device is not None else weights[next(iter(weights))].device).eval()
+            for param in net.parameters():
+                param.requires_grad_(False)
+            self.nets.append(net)
+        return self
 
     def _trail(self, model: nn.Module, x: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the shallow feature map, from one forward pass."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -41,6 +41,7 @@ from medaudit.core.adaptive import DetectorScore, JointView, TransformDefended
 from medaudit.core.components import AttackContext, Defense, LoadedData, LoadedModel, Params, Task
 from medaudit.core.models import prepare_for_audit
 from medaudit.core.perturbation import input_gradient
+from medaudit.core.probes import model_device
 from medaudit.plugins.defenses import _detectors as lib
 from medaudit.plugins.defenses._adversarial_training import standard_training
 from medaudit.plugins.defenses._common import TrainingData, check_disjoint, fingerprint
@@ -82,10 +83,18 @@ class _DetectorDefense(Defense):
         if len(self.train) < 8:
             raise ValueError(f"train_data has {len(self.train)} images; a detector needs at least 8")
 
+    #: Whether :meth:`protect` returns a changed copy of the classifier, whose weights the
+    #: fitted state then keeps (:meth:`shell` rebuilds its architecture).
+    copies_classifier: ClassVar[bool] = False
+
     def protect(self, module: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[nn.Module, dict]:
         """The classifier the detector guards, and facts for the report: the audited one by
         default (Medical Aegis cushions it and may fine-tune it on ``images``)."""
         return module, {}
+
+    def shell(self, module: nn.Module) -> nn.Module:
+        """:meth:`protect`'s architecture without its training, for the restored weights."""
+        return module
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
         check_disjoint(self.train, data)
@@ -125,6 +134,42 @@ class _DetectorDefense(Defense):
             description=f"{model.description}, behind a {detector.name} detector fitted on {len(fit_rows)} cases of "
             f"{p.train_data.dataset}",
             source={**model.source, "training": facts},
+        )
+
+    def export_state(self, defended: LoadedModel) -> dict[str, Any]:
+        """The fitted detector, its threshold and scale, the guarded classifier's weights
+        when it is a trained copy, and what the report says of the fit."""
+        scorer: DetectorScore = defended.detector
+        return {
+            "detector": scorer.detector.export_state(),
+            "threshold": scorer.threshold,
+            "scale": scorer.scale,
+            "classifier": scorer.model.state_dict() if self.copies_classifier else None,
+            "fingerprint": defended.fingerprint,
+            "description": defended.description,
+            "facts": defended.source.get("training"),
+        }
+
+    def restore(self, model: LoadedModel, data: LoadedData, state: dict[str, Any]) -> LoadedModel:
+        device = model_device(model.module)
+        protected = model.module
+        if state["classifier"] is not None:
+            protected = self.shell(model.module)
+            protected.load_state_dict(state["classifier"])
+            protected.to(device)
+        protected = prepare_for_audit(protected)
+        detector_params = self.detector_cls.Params.model_validate(
+            self.params.model_dump(include=set(self.detector_cls.Params.model_fields)))
+        detector = self.detector_cls(detector_params).load_state(state["detector"], device)
+        scorer = DetectorScore(protected, detector, state["threshold"], state["scale"])
+        return dataclasses.replace(
+            model,
+            module=protected,
+            detector=scorer,
+            adaptive_module=JointView(protected, scorer),
+            fingerprint=state["fingerprint"],
+            description=state["description"],
+            source={**model.source, "training": state["facts"]},
         )
 
 
@@ -241,10 +286,14 @@ class MedicalAegis(_DetectorDefense):
     name = "medical-aegis"
     Params = MedicalAegisParams
     detector_cls = lib.ShieldDetector
+    copies_classifier = True
+
+    def shell(self, module):
+        return TransformDefended(copy.deepcopy(module), Cushion(self.params))
 
     def protect(self, module, images, labels):
         p = self.params
-        cushioned = TransformDefended(copy.deepcopy(module), Cushion(p))
+        cushioned = self.shell(module)
         if p.fine_tune_epochs == 0:
             return cushioned, {"fine_tune": None}
         for param in cushioned.parameters():

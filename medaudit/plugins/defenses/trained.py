@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,15 +78,37 @@ class TrainedDefense(Defense):
             facts["train_seconds"] = round(time.perf_counter() - started, 3)
             save_atomic(module.state_dict(), path)
             facts_path.write_text(json.dumps(facts, default=str), encoding="utf-8")
+        description = f"{model.description}, {self.name}-trained on {len(self.train)} cases of {self.params.train_data.dataset}"
+        return self._defended(model, module, path, file_sha256(path), description, facts)
+
+    def _defended(self, model: LoadedModel, module: torch.nn.Module, path: Path, sha256: str, description: str,
+                  facts: dict) -> LoadedModel:
         module.to(next(model.module.parameters()).device)
         return dataclasses.replace(
             model,
             module=prepare_for_audit(module),
-            fingerprint=file_sha256(path),
-            description=f"{model.description}, {self.name}-trained on {len(self.train)} cases of {self.params.train_data.dataset}",
+            fingerprint=sha256,
+            description=description,
             source={**model.source, "trained_checkpoint": str(path), "training": facts},
             adaptive_module=None,
         )
+
+    def export_state(self, defended: LoadedModel) -> dict[str, Any]:
+        """The trained weights' checkpoint (path and sha256), not the weights themselves."""
+        return {"checkpoint": defended.source["trained_checkpoint"], "sha256": defended.fingerprint,
+                "description": defended.description, "facts": defended.source.get("training")}
+
+    def restore(self, model: LoadedModel, data: LoadedData, state: dict[str, Any]) -> LoadedModel:
+        """Load the checkpoint :meth:`export_state` names; never train (a missing or changed
+        checkpoint is an error: training here would give another process other weights)."""
+        path = Path(state["checkpoint"])
+        if not path.is_file():
+            raise ValueError(f"the trained weights {path} are missing; run the audit again to train them")
+        if file_sha256(path) != state["sha256"]:
+            raise ValueError(f"the trained weights {path} changed since they were trained (sha256 differs)")
+        module = self.build(copy.deepcopy(model.module))
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return self._defended(model, module, path, state["sha256"], state["description"], state["facts"])
 
 
 class NlceDefenseParams(Params):

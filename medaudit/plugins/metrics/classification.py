@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 from medaudit import hookimpl
-from medaudit.core.components import Metric, MetricValue, Task
+from medaudit.core.components import Facet, Metric, MetricValue, Task
 
 UNIT = (0.0, 1.0)
+CLASSIFICATION = frozenset({Facet.CLASSIFICATION})
 
 
 def _proportion(flags: list[bool]) -> MetricValue | None:
@@ -28,6 +29,7 @@ class CleanAccuracy(Metric):
 
     name = "clean_accuracy"
     clean = True
+    needs = CLASSIFICATION
     bounds = UNIT
 
     def compute(self, records):
@@ -40,6 +42,7 @@ class RobustAccuracy(Metric):
     must survive every attack at that epsilon."""
 
     name = "robust_accuracy"
+    needs = CLASSIFICATION
     bounds = UNIT
 
     def compute(self, records):
@@ -50,6 +53,7 @@ class AttackSuccessRate(Metric):
     """Fraction of the correctly classified clean samples whose prediction the attack flips."""
 
     name = "attack_success_rate"
+    needs = CLASSIFICATION
     better = "lower"
     bounds = UNIT
 
@@ -65,6 +69,7 @@ class _NormStat(Metric):
     reduce = "mean"
     tasks = frozenset(Task)
     bounds = (0.0, math.inf)
+    needs = frozenset({Facet.PERTURBATION})
 
     def compute(self, records):
         values = [r[self.field] for r in records if r["attacked"]]
@@ -103,11 +108,12 @@ class MinNormMedian(Metric):
     minimum-norm attack, over the attacked samples; samples it could not fool count as infinite."""
 
     name = "min_norm_median"
+    needs = frozenset({Facet.PERTURBATION, Facet.MINIMUM_NORM})
     bounds = (0.0, math.inf)
 
     def compute(self, records):
         sizes = sorted(
-            float("inf") if r["min_norm"] is None else r["min_norm"] for r in records if r["attacked"] and "min_norm" in r
+            float("inf") if r["min_norm"] is None else r["min_norm"] for r in records if r["attacked"]
         )
         if not sizes:
             return None

@@ -14,10 +14,14 @@ import math
 from statistics import fmean
 
 from medaudit import hookimpl
-from medaudit.core.components import Metric, MetricValue, Task
+from medaudit.core.components import Facet, Metric, MetricValue, Task
 from medaudit.core.segmentation import case_mean
 
 SEG = frozenset({Task.SEGMENTATION})
+#: What the records of a segmentation job hold (per-class Dice, IoU, HD95, pixel accuracy).
+SCORES = frozenset({Facet.SEGMENTATION})
+#: What a targeted attack's records add (the worst case over attacks has none).
+TARGETS = frozenset({Facet.TARGET})
 UNIT = (0.0, 1.0)
 
 #: ROG's criterion: a case is broken when its Dice falls below this fraction of the mean
@@ -40,6 +44,7 @@ class _CaseMean(Metric):
     tasks = SEG
     field = ""
     bounds = UNIT
+    needs = SCORES
 
     def compute(self, records):
         return _mean([case_mean(r[self.field]) for r in records if r.get(self.field) is not None])
@@ -84,7 +89,7 @@ class RobustHD95(_CaseMean):
 class CleanPixelAccuracy(Metric):
     """Mean fraction of correctly labelled pixels (voxels) per case on unperturbed inputs."""
 
-    name, clean, tasks, bounds = "clean_pixel_accuracy", True, SEG, UNIT
+    name, clean, tasks, bounds, needs = "clean_pixel_accuracy", True, SEG, UNIT, SCORES
 
     def compute(self, records):
         return _mean([r["clean_pixel_accuracy"] for r in records])
@@ -93,7 +98,7 @@ class CleanPixelAccuracy(Metric):
 class RobustPixelAccuracy(Metric):
     """Mean fraction of correctly labelled pixels (voxels) per case under attack."""
 
-    name, tasks, bounds = "robust_pixel_accuracy", SEG, UNIT
+    name, tasks, bounds, needs = "robust_pixel_accuracy", SEG, UNIT, SCORES
 
     def compute(self, records):
         return _mean([r["adv_pixel_accuracy"] for r in records])
@@ -103,7 +108,7 @@ class BrokenCaseRate(Metric):
     """Fraction of cases an attack breaks: Dice under attack below half the mean clean Dice
     of the data set (ROG's success criterion, Daza et al. MICCAI 2021)."""
 
-    name, better, tasks, bounds = "broken_case_rate", "lower", SEG, UNIT
+    name, better, tasks, bounds, needs = "broken_case_rate", "lower", SEG, UNIT, SCORES
 
     def compute(self, records):
         if not records:
@@ -117,7 +122,7 @@ class TargetDice(Metric):
     """Targeted attacks: mean Dice between the prediction under attack and the attacker's
     target mask (higher means the attacker steered the segmentation further)."""
 
-    name, better, tasks, bounds = "target_dice", "lower", SEG, UNIT
+    name, better, tasks, bounds, needs = "target_dice", "lower", SEG, UNIT, TARGETS
 
     def compute(self, records):
         return _mean([case_mean(r["target_dice"]) for r in records if r.get("target_dice") is not None])
@@ -129,7 +134,7 @@ class TargetSuccessRate(Metric):
     target changes. (ASMA's criterion, 99% of all pixels, would call an erased 10-pixel
     lesion a success before any attack; this one asks for the change itself.)"""
 
-    name, better, tasks, bounds = "target_success_rate", "lower", SEG, UNIT
+    name, better, tasks, bounds, needs = "target_success_rate", "lower", SEG, UNIT, TARGETS
 
     def compute(self, records):
         flags = [r["target_hit"] >= TARGET_MATCH for r in records if r.get("target_hit") is not None]

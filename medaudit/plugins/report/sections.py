@@ -1,10 +1,10 @@
-"""Report sections: cover, summary, scope, system, data, methods, results, defenses, validity, limitations, reproducibility, standards.
+"""Report sections: cover, summary, scope, system, data, methods, results, subgroups, defenses, validity, limitations, reproducibility, standards.
 
 The built-in sections, registered through the same hook a vendor plugin uses; their
 templates are in ``medaudit/reports/templates/sections``.
 
 The outline follows the report guide: document control, executive summary, scope and
-threat model, system under test, data, methods, results, defenses, validity,
+threat model, system under test, data, methods, results (and by subgroup), defenses, validity,
 limitations, reproducibility and a cross-reference to the standards each section serves.
 Everything a section shows is derived from results.json, so ``medaudit report`` can
 re-render a run without the model or data.
@@ -17,7 +17,7 @@ from typing import Any
 
 from medaudit import hookimpl
 from medaudit.core.components import ReportSection
-from medaudit.core.jobs import ADAPTIVE_SUFFIX
+from medaudit.core.jobs import NAIVE
 
 #: The MITRE ATLAS release the identifiers below were taken from (names change between releases).
 ATLAS_VERSION = "5.6.0"
@@ -111,6 +111,40 @@ class Results(ReportSection):
     name, title, order, template = "results", "Results", 70, "sections/results.html.j2"
 
 
+class Subgroups(ReportSection):
+    """The headline metrics per value of each covariate the data set gives (site, sex,
+    lesion size...): a table per covariate, clean and worst case at every budget. Shown only
+    when results have subgroups."""
+
+    name, title, order, template = "subgroups", "Results by subgroup", 72, "sections/subgroups.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        metric, clean_metric = headline_metric(results), clean_headline_metric(results)
+        subgroups = results.get("subgroups") or []
+        epsilons = sorted({s["epsilon"] for s in subgroups if s["attack"] == "worst_case"})
+        labels = {s["epsilon"]: s["epsilon_label"] for s in subgroups}
+        tables: dict[tuple[str, str], dict] = {}
+        for s in subgroups:
+            table = tables.setdefault((s["covariate"], s["defense"]), {
+                "covariate": s["covariate"], "defense": s["defense"], "rows": {}})
+            row = table["rows"].setdefault(repr(s["value"]), {"value": s["value"], "n": s["n"], "clean": None,
+                                                               "worst": {}})
+            if s["attack"] == "clean":
+                row["clean"] = s["metrics"].get(clean_metric)
+            elif s["attack"] == "worst_case":
+                row["worst"][s["epsilon"]] = s["metrics"].get(metric)
+        for table in tables.values():
+            table["rows"] = list(table["rows"].values())
+        return {"headline": metric, "clean_metric": clean_metric, "tables": list(tables.values()),
+                "epsilons": [(e, labels[e]) for e in epsilons]}
+
+
+def clean_headline_metric(results: dict) -> str | None:
+    """The clean metric quoted next to the headline (clean accuracy or clean Dice)."""
+    names = [m["name"] for m in results["metrics"] if m["clean"]]
+    return next((n for n in ("clean_accuracy", "clean_dice") if n in names), names[0] if names else None)
+
+
 class Defenses(ReportSection):
     """Each defense next to the undefended model: naive and adaptive attacks, and the
     trade-off between clean performance and robustness."""
@@ -121,29 +155,45 @@ class Defenses(ReportSection):
         metric = headline_metric(results)
         clean_metric = next((m["name"] for m in results["metrics"] if m["clean"] and m["name"] in ("clean_accuracy", "clean_dice")), None)
         value = {(r["defense"], r["attack"], r["epsilon"]): r["metrics"].get(metric) for r in results["rows"]}
-        detection = {(r["defense"], r["attack"], r["epsilon"]): r["detection"] for r in results["rows"] if "detection" in r}
         defenses = []
         for d in results["defenses"]:
             label = d["label"]
+            rows = [r for r in results["rows"] if r["defense"] == label]
             attacks = [a["label"] for a in results["attacks"]] + ["worst_case"]
-            table = [
-                {"attack": a, "epsilon_label": r["epsilon_label"],
-                 "undefended": value.get(("none", a, r["epsilon"])), "naive": value.get((label, a, r["epsilon"])),
-                 "adaptive": value.get((label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"])),
-                 "has_adaptive": (label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]) in value,
-                 "detection": detection.get((label, a, r["epsilon"])),
-                 "detection_adaptive": detection.get((label, f"{a}{ADAPTIVE_SUFFIX}", r["epsilon"]))}
-                for a in attacks for r in results["rows"] if r["defense"] == label and r["attack"] == a
-            ]
+            table = []
+            for a in attacks:
+                for r in rows:
+                    if r["attack"] != a:
+                        continue
+                    twin = next((t for t in rows if t["epsilon"] == r["epsilon"] and spec_attack(t) == a
+                                 and view(t) not in (NAIVE, None)), None)
+                    table.append({
+                        "attack": a, "epsilon_label": r["epsilon_label"],
+                        "undefended": value.get(("none", a, r["epsilon"])), "naive": r["metrics"].get(metric),
+                        "adaptive": twin["metrics"].get(metric) if twin else None, "has_adaptive": twin is not None,
+                        "adaptive_view": view(twin) if twin else None,
+                        "detection": r.get("detection"), "detection_adaptive": twin.get("detection") if twin else None,
+                    })
             trade = [
                 {"epsilon_label": r["epsilon_label"], "undefended": value.get(("none", "worst_case", r["epsilon"])),
                  "defended": r["metrics"].get(metric)}
-                for r in results["rows"] if r["defense"] == label and r["attack"] == "worst_case"
+                for r in rows if r["attack"] == "worst_case"
             ]
             clean = {k: (results["clean"].get(k) or {}).get(clean_metric) for k in ("none", label)}
             detects = any(t["detection"] for t in table)
             defenses.append({**d, "table": table, "trade": trade, "clean": clean, "detects": detects})
-        return {"headline": metric, "clean_metric": clean_metric, "defenses": defenses, "suffix": ADAPTIVE_SUFFIX}
+        return {"headline": metric, "clean_metric": clean_metric, "defenses": defenses}
+
+
+def view(row: dict) -> str | None:
+    """The view of the defense a results row's attack ran against (None: the worst case over
+    all of them). Rows of results.json written before rows named their view count as naive."""
+    return row.get("view", None if row["attack"] == "worst_case" else NAIVE)
+
+
+def spec_attack(row: dict) -> str:
+    """The attack of the spec a results row comes from (the same for every view)."""
+    return row.get("spec_attack", row["attack"])
 
 
 class Validity(ReportSection):
@@ -222,6 +272,9 @@ CROSS_REFERENCE = [
     ("methods", "Carlini et al. 2019 items 8 and 9; ISO/IEC TR 24029-1 clauses 5 and 7; ISO/IEC DIS 24029-3 (draft)"),
     ("results", "Carlini et al. 2019 items 5-7 and 22; ISO/IEC DIS 24029-3 performance drops and adversarial "
                 "robustness; GMLP principles 8 and 9"),
+    ("subgroups", "GMLP principle 3 (data representative of the intended population); FDA draft guidance on "
+                  "AI-enabled device software functions (2025), performance across subgroups; EU AI Act Art. 10(2)(f) "
+                  "examination for possible biases"),
     ("defenses", "Carlini et al. 2019 items 2, 12, 13 and 20; ATLAS AML.M0003, AML.M0010, AML.M0015"),
     ("validity", "Carlini et al. 2019 evaluation checklist; AutoAttack flags; RobustBench model restrictions"),
     ("limitations", "Model Cards caveats; GMLP principle 9; ISO 14971 and AAMI TIR34971 (findings feed the "
@@ -237,10 +290,11 @@ class Standards(ReportSection):
     name, title, order, template = "standards", "Cross-reference to standards and guidance", 120, "sections/standards.html.j2"
 
     def context(self, results: dict) -> dict[str, Any]:
-        return {"cross_reference": CROSS_REFERENCE, "titles": {cls.name: cls.title for cls in BUILT_IN}}
+        shown = [(id, refs) for id, refs in CROSS_REFERENCE if id != "subgroups" or results.get("subgroups")]
+        return {"cross_reference": shown, "titles": {cls.name: cls.title for cls in BUILT_IN}}
 
 
-BUILT_IN = (Cover, Summary, Scope, SystemUnderTest, EvaluationData, Methods, Results, Defenses, Validity,
+BUILT_IN = (Cover, Summary, Scope, SystemUnderTest, EvaluationData, Methods, Results, Subgroups, Defenses, Validity,
             Limitations, Reproducibility, Standards)
 
 

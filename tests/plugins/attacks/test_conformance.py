@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medaudit.core.components import AttackContext, Norm
+from medaudit.core.components import AttackContext, AttackOutcome, Norm
 from medaudit.core.host import get_host
 
 #: Params that make each attack quick; every registered attack must be listed.
@@ -68,7 +68,8 @@ def test_budget_range_identity_and_determinism(name, norm, demo_model, demo_data
     eps = BUDGETS[norm]
 
     def run(attack, eps, seed=0):
-        return attack.perturb(model, x, y, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed))
+        outcome = attack.perturb(model, x, y, eps=eps, norm=norm, generator=torch.Generator().manual_seed(seed))
+        return AttackOutcome.of(outcome).adversarial  # a bare tensor or an outcome with per-sample extras
 
     attack = make(name, demo_data)
     x_adv = run(attack, eps)

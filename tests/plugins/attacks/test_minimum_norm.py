@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import medaudit
-from medaudit.audits.runner import Runner
 from medaudit.core.spec import load_spec
 from medaudit.core.components import Norm
 from medaudit.core.host import get_host
 from medaudit.plugins.attacks.minimum_norm import CarliniWagnerL2, CWParams, DeepFool, DeepFoolParams
+from tests.helpers import run_audit
 
 
 def sizes(x_adv, x, norm):
@@ -32,7 +32,7 @@ def test_deepfool_fools_nearly_all_with_small_perturbations(demo_model, demo_dat
     assert ok.float().mean() >= 0.9 and x_min.min() >= 0 and x_min.max() <= 1
     assert sizes(x_min, x, norm)[ok].median() < (0.5 if norm is Norm.L2 else 4 / 255)
     # bounded use: projected onto the budget
-    x_eps = DeepFool().perturb(model, x, y, eps=0.5 / 255, norm=norm, generator=torch.Generator())
+    x_eps = DeepFool().perturb(model, x, y, eps=0.5 / 255, norm=norm, generator=torch.Generator()).adversarial
     assert (sizes(x_eps, x, norm) <= 0.5 / 255 + 1e-6).all()
 
 
@@ -92,7 +92,7 @@ def test_runner_reuses_the_minimal_search_for_every_epsilon(write_spec, tmp_path
     )
     spec.metrics.append("min_norm_median")
     CountingDeepFool.calls = 0
-    outcome = Runner(spec, host, show_progress=False).run()
+    outcome = run_audit(spec, host)
     assert CountingDeepFool.calls == 3  # 48 cases in batches of 16: once per batch, not per epsilon
     [curve] = outcome.results["curves"]
     assert curve["attack"] == "counting-deepfool" and curve["points"][0][1] > curve["points"][-1][1]

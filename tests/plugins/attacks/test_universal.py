@@ -142,3 +142,42 @@ def test_registered():
     cls = host.get("attack", "uap")
     assert cls is UAP and cls.norms == {Norm.LINF, Norm.L2} and cls.dims == {2, 3}
     assert cls.summary().startswith("Universal adversarial perturbation")
+
+
+def test_fitted_perturbations_are_restored_in_another_process_without_fitting(fitted, demo_model, demo_data, monkeypatch):
+    import copy
+    import io
+
+    attack, x_adv = fitted
+    buffer = io.BytesIO()
+    torch.save(attack.export_state(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert len(state["perturbations"]) >= 1
+
+    monkeypatch.setattr(UAP, "_fit", lambda *args, **kwargs: pytest.fail("restored UAP fitted again"))
+    restored = UAP(UAPParams(max_passes=3))
+    restored.restore_state(state)
+    # Another process loads the same model into another object: same content, same perturbation.
+    model = copy.deepcopy(demo_model.module)
+    x, y = demo_data.images, demo_data.labels
+    assert torch.equal(run(restored, model, x, y, seed=7), x_adv)
+
+
+def test_perturbations_are_kept_per_model_content(demo_model, demo_data):
+    import copy
+
+    from medaudit.plugins.attacks.universal import model_key
+
+    model = demo_model.module
+    same, other = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert model_key(same) == model_key(model) != model_key(other)
+    attack = UAP(UAPParams(max_passes=1, fit_samples=16, batch_size=8))
+    x, y = demo_data.images[:16], demo_data.labels[:16]
+    run(attack, model, x, y)
+    run(attack, same, x, y)
+    assert attack.fit_count == 1
+    run(attack, other, x, y)
+    assert attack.fit_count == 2

@@ -436,3 +436,11 @@ def test_nifti_flags_file_names_and_header_texts(data_host, tmp_path):
     assert {"Smith^John 1961-04-01", "MRN4471", STEMS[0], f"{STEMS[0]}.nii.gz"} <= data.sensitive_values.keys()
     assert not any(not v.strip() for v in data.sensitive_values)
     assert not leaked_values(data.description + " ".join(data.case_ids), data.sensitive_values)
+
+
+def test_image_csv_keeps_named_columns_as_covariates_in_case_order(data_host, csv_set):
+    data = load_csv(data_host, csv_set, covariate_columns=["age"])
+    ages = {f"{stem}.png": str(50 + i) for i, stem in enumerate(STEMS)}
+    assert data.covariates == [{"age": ages[name]} for name in sorted(ages)]
+    assert load_csv(data_host, csv_set).covariates is None
+    assert "no column 'site'" in csv_error(data_host, csv_set, covariate_columns=["site"])

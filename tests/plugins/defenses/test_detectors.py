@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from medaudit.audits.records import read_records, record_path
+from medaudit.audits.records import meta_path, read_records, record_path
 from medaudit.cli import cli
 from medaudit.core.adaptive import DetectorScore, JointView, RoutedModel, SoftRoutedView, bind_labels
 from medaudit.plugins.defenses.detectors import Cushion, MedicalAegisParams
@@ -122,18 +122,23 @@ def test_shield_scores_are_differentiable_and_separate_noise(demo_model, demo_da
 
 
 def test_rejections_count_against_clean_and_for_the_defense(tmp_path):
-    path = record_path(tmp_path, "job")
-    path.parent.mkdir(parents=True)
-    rows = [
+    def write(job, facets, rows):
+        path = record_path(tmp_path, job)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        meta_path(tmp_path, job).write_text(json.dumps({"job": job, "facets": facets}))
+
+    write("detector", ["classification", "rejection"], [
         {"label": 1, "clean_pred": 1, "adv_pred": 0, "clean_rejected": False, "adv_rejected": True},  # caught
         {"label": 1, "clean_pred": 1, "adv_pred": 0, "clean_rejected": False, "adv_rejected": False},  # fooled
         {"label": 1, "clean_pred": 1, "adv_pred": 1, "clean_rejected": True, "adv_rejected": True},  # false alarm
-        {"label": 1, "clean_pred": 1, "adv_pred": 1},  # no detector
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    read = read_records(tmp_path, "job")
-    assert [r["clean_correct"] for r in read] == [True, True, False, True]
-    assert [r["adv_correct"] for r in read] == [True, False, False, True]
+    ])
+    write("plain", ["classification"], [{"label": 1, "clean_pred": 1, "adv_pred": 1, "clean_rejected": True}])
+    read = read_records(tmp_path, "detector")
+    assert [r["clean_correct"] for r in read] == [True, True, False]
+    assert [r["adv_correct"] for r in read] == [True, False, False]
+    # Without the rejection facet a stray field rejects nothing.
+    assert [(r["clean_correct"], r["adv_correct"]) for r in read_records(tmp_path, "plain")] == [(True, True)]
 
 
 DETECTOR_SPEC = """\

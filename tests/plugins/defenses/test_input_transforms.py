@@ -133,7 +133,7 @@ runtime: {{device: cpu, batch_size: 6, seed: 0, output_dir: {out}}}
 def test_nlce_is_trained_on_its_split_recorded_and_reused(host, tmp_path, seg_model):
     import json
 
-    from medaudit.audits.runner import Runner
+    from tests.helpers import run_audit
     from medaudit.core.errors import SpecError
     from tests.conftest import DEMO_UNET_2D
 
@@ -141,7 +141,7 @@ def test_nlce_is_trained_on_its_split_recorded_and_reused(host, tmp_path, seg_mo
         path = tmp_path / f"nlce-{train_seed}.yaml"
         path.write_text(NLCE_SPEC.format(model=json.dumps(DEMO_UNET_2D), train_seed=train_seed, n_train=n_train,
                                          out=tmp_path / "runs"))
-        return Runner(load_spec(path, host), host, show_progress=False).run()
+        return run_audit(load_spec(path, host), host)
 
     first = run(1000)
     results = first.results

@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from medaudit.audits.runner import Runner
 from medaudit.core.spec import load_spec
 from medaudit.cli import cli
 from medaudit.core.components import Access, Task
 from medaudit.core.errors import DataError, ExitCode, ModelLoadError, SpecError
 from medaudit.core.models import file_sha256
 from medaudit.plugins.models.onnx import OnnxLoader, OnnxParams, export_onnx
+from tests.helpers import run_audit
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_training_defense_is_refused_on_a_black_box(onnx_file, write_spec, tmp_p
     spec = write_spec(model=_model(onnx_file), attacks="attacks:\n  - name: square\n    params: {queries: 5}\n" + defenses,
                       runtime=f"runtime:\n  device: cpu\n  output_dir: {tmp_path / 'out'}")
     with pytest.raises(SpecError, match="defense 'pgd-at': it trains the model's weights, and this model gives no gradients"):
-        Runner(load_spec(spec, host), host, show_progress=False).run()
+        run_audit(load_spec(spec, host), host)
     assert not (tmp_path / "out").exists()
 
 
