@@ -8,6 +8,7 @@ The engine calls the protocol of the spec's task and has no task branch of its o
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 import torch
@@ -24,7 +25,7 @@ DETECTOR_CONVENTION = (
 )
 
 
-class TaskProtocol:
+class TaskProtocol(abc.ABC):
     """The shared shape; subclasses fill in one task."""
 
     task: Task
@@ -48,17 +49,20 @@ class TaskProtocol:
     def conventions_for(self, rejecting: bool) -> list[str]:
         return self.conventions + ([DETECTOR_CONVENTION] if rejecting else [])
 
+    @abc.abstractmethod
     def output_shape(self, model: LoadedModel, x: torch.Tensor) -> tuple[int, ...]:
         """The shape of the model's outputs for a batch ``x``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def attacked(self, y: torch.Tensor, clean: Sequence[dict] | None, rejection: bool) -> torch.Tensor:
         """Which cases of a batch the attack perturbs (``clean``: their clean records; None: a clean job)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def score(self, logits: torch.Tensor, y: torch.Tensor, spacing: Any, num_classes: int) -> dict[str, list]:
         """Per-case scores (:attr:`scores`) of the predictions ``logits`` against ``y``."""
-        raise NotImplementedError
+        ...
 
     def clean_scores(self, clean: Sequence[dict]) -> dict[str, list]:
         """The clean scores a clean job's records keep, for the attack jobs of the same model."""
@@ -68,10 +72,11 @@ class TaskProtocol:
         """The clean predictions a clean job's records keep (None: records keep scores only)."""
         return None
 
+    @abc.abstractmethod
     def rows(self, y: torch.Tensor, attacked: list[bool], sizes: dict[str, list], clean: dict[str, list],
              adv: dict[str, list]) -> list[dict]:
         """The records of a batch, fields in the order records keep them."""
-        raise NotImplementedError
+        ...
 
     def target_fields(self, pred: torch.Tensor, y: torch.Tensor, target: torch.Tensor, spacing: Any,
                       num_classes: int) -> list[dict]:
@@ -91,8 +96,9 @@ class TaskProtocol:
     #: Facets the worst case drops (they differ between attacks).
     unmerged: frozenset[Facet] = frozenset()
 
+    @abc.abstractmethod
     def worst_of(self, rows: Sequence[dict]) -> dict:
-        raise NotImplementedError
+        ...
 
 
 class Classification(TaskProtocol):

@@ -326,6 +326,8 @@ class Detector(abc.ABC):
     Params: ClassVar[type[Params]] = DetectorParams
     #: Whether the original method needs adversarial examples to fit (a logistic regression).
     uses_adversarial: ClassVar[bool] = False
+    #: The fitted combination of several scores into one (Mahalanobis, KD-BU, LID), or None.
+    combiner: "Combiner | None" = None
 
     def __init__(self, params: Params | None = None):
         self.params = params if params is not None else self.Params()
@@ -355,6 +357,7 @@ class Detector(abc.ABC):
         self._require_fitted()
         state = {name: getattr(self, name) for name in self.STATE}
         state["threshold"] = self.threshold
+        state["combiner"] = None if self.combiner is None else self.combiner.export_state()
         return state
 
     def load_state(self, state: dict, device: torch.device | None = None) -> "Detector":
@@ -362,6 +365,7 @@ class Detector(abc.ABC):
         for name in self.STATE:
             setattr(self, name, _to(state[name], device))
         self.threshold = _to(state["threshold"], device)
+        self.combiner = None if state.get("combiner") is None else Combiner.from_state(state["combiner"], device)
         self.fitted = True
         return self
 
@@ -448,16 +452,6 @@ class MahalanobisDetector(Detector):
     name = "mahalanobis"
     Params = MahalanobisParams
     STATE = ("layers", "class_ids", "means", "whiteners", "shrinkages")
-
-    def export_state(self) -> dict:
-        state = super().export_state()
-        state["combiner"] = None if self.combiner is None else self.combiner.export_state()
-        return state
-
-    def load_state(self, state, device=None):
-        super().load_state(state, device)
-        self.combiner = None if state["combiner"] is None else Combiner.from_state(state["combiner"], device)
-        return self
 
     def fit(self, model, images, labels, generator, adv_images=None):
         p: MahalanobisParams = self.params
@@ -599,14 +593,6 @@ class KernelDensityDetector(Detector):
     Params = KernelDensityParams
     uses_adversarial = True
     STATE = ("class_ids", "train_features", "bandwidth", "_seed")
-
-    def export_state(self) -> dict:
-        return dict(super().export_state(), combiner=self.combiner.export_state())
-
-    def load_state(self, state, device=None):
-        super().load_state(state, device)
-        self.combiner = Combiner.from_state(state["combiner"], device)
-        return self
 
     def fit(self, model, images, labels, generator, adv_images=None):
         p: KernelDensityParams = self.params
@@ -792,14 +778,6 @@ class LIDDetector(Detector):
     Params = LIDParams
     uses_adversarial = True
     STATE = ("layers", "references")
-
-    def export_state(self) -> dict:
-        return dict(super().export_state(), combiner=self.combiner.export_state())
-
-    def load_state(self, state, device=None):
-        super().load_state(state, device)
-        self.combiner = Combiner.from_state(state["combiner"], device)
-        return self
 
     def fit(self, model, images, labels, generator, adv_images=None):
         p: LIDParams = self.params
