@@ -9,7 +9,7 @@ from typing import Any
 from medaudit.core.components import Norm
 from medaudit.core.errors import ExitCode
 from medaudit.core.host import Host
-from medaudit.core.spec import Criterion, Spec, epsilon_label
+from medaudit.core.spec import Criterion, Spec, attack_levels, epsilon_label, level_label
 
 PASS, FAIL, INCONCLUSIVE, INVALID = "PASS", "FAIL", "INCONCLUSIVE", "INVALID"
 NOT_ASSESSED = "NOT ASSESSED"
@@ -25,14 +25,15 @@ VERDICT_EXIT_CODES = {
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-def judge(criterion: Criterion, value: dict | None, norm: Norm) -> dict[str, Any]:
-    """Verdict of one criterion on the confidence bound on the patient's side (by default)."""
+def judge(criterion: Criterion, value: dict | None, norm: Norm, budget: str = "") -> dict[str, Any]:
+    """Verdict of one criterion on the confidence bound on the patient's side (by default).
+    ``budget``: the name of the criterion's attack's own budget, when no norm bounds it."""
     statistic = criterion.statistic
     if statistic == "auto":
         statistic = "lower_bound" if criterion.op in (">=", ">") else "upper_bound"
     out: dict[str, Any] = {**criterion.model_dump(mode="json"), "statistic": statistic, "estimate": None}
     if criterion.epsilon is not None:
-        out["epsilon_label"] = epsilon_label(criterion.epsilon, norm)
+        out["epsilon_label"] = level_label(criterion.epsilon, budget) if budget else epsilon_label(criterion.epsilon, norm)
     if value is None:
         return {**out, "verdict": INCONCLUSIVE, "reason": "no value: no sample in scope"}
     if statistic != "point" and value.get("ci_low") is None:
@@ -60,7 +61,8 @@ def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[di
             )
             value = row["metrics"].get(c.metric)
             scope = (row["defense"], row["attack"], row["epsilon"])
-        judged.append(judge(c, value, spec.threat_model.norm))
+        budget, _ = attack_levels(spec, host, c.attack)
+        judged.append(judge(c, value, spec.threat_model.norm, budget.name if budget else ""))
         if nonfinite := computed.get("nonfinite", {}).get(scope):
             judged[-1].update(verdict=INCONCLUSIVE, reason=f"{nonfinite} case(s) in scope gave NaN or Inf outputs")
     blocking = [j["verdict"] for j in judged if j["severity"] == "blocking"]

@@ -20,7 +20,7 @@ from medaudit.audits.statistics import BOOTSTRAP, WILSON, metric_value
 from medaudit.core.components import Facet, Metric, Norm
 from medaudit.core.host import Host
 from medaudit.core.jobs import CLEAN, Job, Records
-from medaudit.core.spec import NO_DEFENSE, WORST_CASE, Spec, epsilon_label
+from medaudit.core.spec import NO_DEFENSE, WORST_CASE, Spec, epsilon_label, level_label
 from medaudit.core.tasks import protocol
 
 
@@ -73,8 +73,11 @@ def compute_results(
         clean_job = next(j for j in jobs if j.defense == defense and j.is_clean)
         clean[defense] = {n: compute_metric(m, records[clean_job.id], confidence, *intervals) for n, m in clean_metrics.items()}
         clean_records[defense] = records[clean_job.id]
+        attacked = [j for j in jobs if j.defense == defense and not j.is_clean]
         for eps in spec.threat_model.epsilons:
-            group = [j for j in jobs if j.defense == defense and not j.is_clean and j.epsilon == eps]
+            group = [j for j in attacked if not j.budget and j.epsilon == eps]
+            if not group:  # every attack is sized by its own budget: no norm-bounded row
+                continue
             for job in group:
                 rows.append(group_row(defense, job.attack, eps, norm, records[job.id], attack_metrics, confidence,
                                       class_names, intervals, view=job.view, spec_attack=job.spec_attack))
@@ -82,11 +85,14 @@ def compute_results(
             rows.append(group_row(defense, WORST_CASE, eps, norm, merged, attack_metrics, confidence, class_names,
                                   intervals, view=None, spec_attack=WORST_CASE))
             worst[defense, eps] = merged
+        for job in (j for j in attacked if j.budget):  # sized by their own budget: no worst case with the norm attacks
+            rows.append(group_row(defense, job.attack, job.epsilon, norm, records[job.id], attack_metrics, confidence,
+                                  class_names, intervals, view=job.view, spec_attack=job.spec_attack, budget=job.budget))
     curves = [
         robustness_curve(defense, job.attack, records[job.id])
         for defense in defenses
         for job in jobs
-        if job.defense == defense and not job.is_clean and job.epsilon == max(spec.threat_model.epsilons)
+        if job.defense == defense and not job.is_clean and not job.budget and job.epsilon == max(spec.threat_model.epsilons)
         and Facet.MINIMUM_NORM in facets_of(records[job.id]) and records[job.id]
     ]
     subgroups = subgroup_rows(clean_records, worst, norm, clean_metrics, attack_metrics, confidence, intervals)
@@ -155,21 +161,24 @@ def subgroup_rows(
 def group_row(
     defense: str, attack: str, eps: float, norm: Norm, records: Records | list[dict], metrics: dict[str, Metric],
     confidence: float, class_names: list[str] | None, intervals: tuple[str, str] = (WILSON, BOOTSTRAP), *,
-    view: str | None = None, spec_attack: str | None = None,
+    view: str | None = None, spec_attack: str | None = None, budget: str = "",
 ) -> dict:
     """One results row: the group's metrics, and its per-class table and detection summary
     where its records have them. ``view`` and ``spec_attack`` say which attack of the spec
     ran against which view of the defense (None and ``worst_case`` for the worst case), so
-    readers never parse the display label ``attack``."""
+    readers never parse the display label ``attack``. The row of an attack sized by its own
+    budget names it (``budget``), and its ``epsilon`` is that budget's level."""
     row = {
         "defense": defense,
         "attack": attack,
         "epsilon": eps,
-        "epsilon_label": epsilon_label(eps, norm),
+        "epsilon_label": level_label(eps, budget) if budget else epsilon_label(eps, norm),
         "view": view,
         "spec_attack": spec_attack if spec_attack is not None else attack,
         "metrics": {n: compute_metric(m, records, confidence, *intervals) for n, m in metrics.items()},
     }
+    if budget:
+        row["budget"] = budget
     table = per_class_table(records, class_names or [])
     if table:
         row["per_class"] = table
@@ -216,7 +225,7 @@ def detection_summary(records: Sequence[dict]) -> dict | None:
     """A detector defense's separation of clean inputs from adversarial ones: AUROC and TPR
     at 5 % FPR (threshold from these clean scores), and the share its deployed threshold
     rejects, over the adversarial inputs that fool the classifier."""
-    if not records or Facet.REJECTION not in facets_of(records):
+    if not records or not {Facet.DETECTION_SCORE, Facet.REJECTION} <= facets_of(records):
         return None
     import torch
 
@@ -243,7 +252,8 @@ def nonfinite_cases(jobs: list[Job], records: dict[str, list[dict]]) -> dict[tup
     for job in jobs:
         bad = {r["case"] for r in records[job.id] if has_nonfinite_output(r)}
         if bad:
-            scopes = [(job.defense,)] if job.is_clean else [(job.defense, job.attack, job.epsilon), (job.defense, WORST_CASE, job.epsilon)]
+            scopes = ([(job.defense,)] if job.is_clean else [(job.defense, job.attack, job.epsilon)]
+                      + ([] if job.budget else [(job.defense, WORST_CASE, job.epsilon)]))
             for scope in scopes:
                 cases.setdefault(scope, set()).update(bad)
     return {scope: len(found) for scope, found in cases.items()}

@@ -19,7 +19,7 @@ import torch
 
 from medaudit.core.adaptive import bind_labels
 from medaudit.core.components import (
-    Attack, AttackContext, AttackOutcome, Defense, Facet, LoadedData, LoadedModel, Metric,
+    NO_SCREEN, Attack, AttackContext, AttackOutcome, Defense, Facet, LoadedData, LoadedModel, Metric,
 )
 from medaudit.core.environment import select_device
 from medaudit.core.errors import DataError, SpecError
@@ -153,7 +153,7 @@ def execute(session: Session, job: Job, start: int, stop: int, clean: list[dict]
     key = job.id if attack is None else attack.seed_key(job)
     metrics = session.case_metrics()
     facets = set(p.facets)
-    facets |= {Facet.REJECTION} if defended.detector is not None else set()
+    facets |= (defended.screen or NO_SCREEN).facets
     facets |= {Facet.CASE_SCORES} if metrics else set()
     facets |= {Facet.COVARIATES} if session.data.covariates is not None else set()
     records: list[dict] = []
@@ -176,13 +176,14 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
     k = session.model.num_classes
     spacing = data.spacing if data.case_spacings is None else data.case_spacings[b : b + n]
     positions = torch.arange(b, b + n, device=x.device)
-    detector, facets = defended.detector, set()
-    attacked = p.attacked(y, clean, detector is not None)
+    screen, facets = defended.screen or NO_SCREEN, set()
+    attacked = p.attacked(y, clean, Facet.REJECTION in screen.facets)
     idx = attacked.nonzero().flatten()
     threat = session.spec.threat_model.norm
     sizes = {**{norm.value: torch.zeros(n, device=x.device) for norm in recorded_norms(threat)},
              "in_range": torch.ones(n, dtype=torch.bool, device=x.device)}
-    shown, target, extras, adv_detected = x, None, {}, {}
+    shown, target, extras = x, None, {}
+    adv_screened: dict[str, list] = {f: [None] * n for f in screen.fields}
     if clean is None:  # a clean job: the inputs as they are
         with torch.inference_mode(), sink.scoring(job, model, positions):
             logits = model(x)
@@ -190,16 +191,14 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
         clean_pred = pred = logits.argmax(1)
         case_scores = {name: m.score_cases(pred, y, spacing) for name, m in metrics.items()}
         clean_cases = case_scores
-        if detector is not None:
-            clean_detected = _detect(detector, x)
+        clean_screened = screen.examine(x)
     else:
         clean_scores = p.clean_scores(clean)
         clean_cases = {name: [r[f"clean_{name}"] for r in clean] for name in metrics}
         clean_pred = p.clean_prediction(clean, x.device)
         pred = clean_pred
         adv_scores = {name: list(v) for name, v in clean_scores.items()}
-        if detector is not None:
-            clean_detected = ([r["clean_score"] for r in clean], [r["clean_rejected"] for r in clean])
+        clean_screened = {f: [r[f"clean_{f}"] for r in clean] for f in screen.fields}
         if len(idx):
             view = defended.view(job.view)  # what the attack differentiates; predictions are the deployed model's
             x_att, y_att = x[idx], y[idx]
@@ -216,8 +215,8 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
                 for j, i in enumerate(idx.tolist()):
                     adv_scores[name][i] = values[j]
             pred = logits.argmax(1) if len(idx) == n else clean_pred.clone().index_put_((idx,), logits.argmax(1))
-            if detector is not None:
-                adv_detected = dict(zip(idx.tolist(), zip(*_detect(detector, x_adv))))
+            for f, values in screen.examine(x_adv).items():
+                adv_screened[f] = _per_case(values, idx, n)
             delta = (x_adv - x_att).float()
             for name, size in perturbation_sizes(delta, threat).items():
                 sizes[name][idx] = size
@@ -239,12 +238,11 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
         facets.add(Facet.EXTRAS)
         for i, row in enumerate(rows):
             row["extras"] = {name: values[i] for name, values in extras.items()}
-    if detector is not None:
-        for i, (row, score, rejected) in enumerate(zip(rows, *clean_detected)):
-            row.update(clean_score=score, clean_rejected=rejected)
+    for f in screen.fields:  # what the defense adds to each case (a detector's score, its rejection)
+        for i, row in enumerate(rows):
+            row[f"clean_{f}"] = clean_screened[f][i]
             if clean is not None:
-                adv_score, adv_rejected = adv_detected.get(i, (None, rejected))
-                row.update(adv_score=adv_score, adv_rejected=adv_rejected)
+                row[f"adv_{f}"] = adv_screened[f][i]
     if target is not None:
         facets.add(Facet.TARGET)
         for row, fields in zip(rows, p.target_fields(pred, y, target, spacing, k)):
@@ -257,13 +255,6 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
             row["covariates"] = data.covariates[b + i]
         row["case"] = data.case_ids[b + i]
     return rows, facets
-
-
-def _detect(detector, x) -> tuple[list[float], list[bool]]:
-    """A rejecting defense's scores of ``x`` and whether it rejects each."""
-    with torch.no_grad():
-        scores = detector(x).float()
-    return scores.tolist(), (scores > detector.threshold).tolist()
 
 
 def _per_case(values: Any, idx: torch.Tensor, n: int) -> list:
@@ -309,8 +300,8 @@ class _Builder:
         defense = self.component("defense", name, params)
         defense.prepare(self.context())
         defended = defense.restore(self.model, self.data, state) if state is not None else defense.apply(self.model, self.data)
-        for module in (defended.module, defended.adaptive_module, defended.detector, *defended.views.values()):
-            if module is not None:
+        for module in (defended.module, defended.adaptive_module, defended.screen, *defended.views.values()):
+            if isinstance(module, torch.nn.Module):
                 module.to(self.device)
         return defense, defended
 

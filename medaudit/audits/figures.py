@@ -54,13 +54,15 @@ def _class_cmap(num_classes: int):
     return ListedColormap([palette[i % len(palette)] for i in range(num_classes)])
 
 
-def robustness_figure(rows: list[dict], metric: str, label: str, path: Path) -> dict[str, Any] | None:
-    """Metric against epsilon, one line per attack, the worst case in bold (undefended model)."""
+def robustness_figure(rows: list[dict], metric: str, label: str, path: Path, budget: str = "") -> dict[str, Any] | None:
+    """Metric against epsilon, one line per attack, the worst case in bold (undefended model).
+    With ``budget``: against the levels of the attacks sized by that budget (a corruption's
+    severity) instead, which share no axis with the norm-bounded attacks."""
     curves: dict[str, list[tuple[float, float]]] = {}
     ticks: dict[float, str] = {}  # each budget labelled as the tables write it (grey levels for L-inf only)
     for row in rows:
         value = (row["metrics"].get(metric) or {}).get("value")
-        if row["defense"] == NO_DEFENSE and value is not None:
+        if row["defense"] == NO_DEFENSE and value is not None and row.get("budget", "") == budget:
             curves.setdefault(row["attack"], []).append((row["epsilon"], value))
             ticks[row["epsilon"]] = row["epsilon_label"]
     if not curves:
@@ -71,13 +73,22 @@ def robustness_figure(rows: list[dict], metric: str, label: str, path: Path) -> 
         xs, ys = zip(*sorted(points))
         worst = attack == WORST_CASE
         ax.plot(xs, ys, marker="o", lw=3 if worst else 1.2, color="black" if worst else None, label=short(attack), zorder=3 if worst else 2)
-    ax.set_xticks(list(ticks), list(ticks.values()), fontsize=8)
-    ax.set_xlabel("epsilon")
+    ax.set_xticks(list(ticks), [t.removeprefix(f"{budget} ") for t in ticks.values()], fontsize=8)
+    ax.set_xlabel(budget or "epsilon")
     ax.set_ylabel(label)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+    if budget:
+        return {
+            "id": path.stem,
+            "title": f"{label} against the {budget}",
+            "caption": f"{label} of the undefended model at each {budget} level, per attack sized by its {budget} "
+            f"(these are not bounded by the threat model's norm, so they have their own axis and no worst case). "
+            f"Data: the {metric} rows of results.json whose budget is {budget!r}.",
+            "path": f"figures/{path.name}",
+        }
     return {
         "id": path.stem,
         "title": f"{label} against the attack budget",
@@ -92,7 +103,7 @@ def overlay_figure(run_dir: Path, jobs: list, eps: float, class_names: list[str]
     prediction, adversarial image and adversarial prediction (plus the target, if any)."""
     clean_job = next(j for j in jobs if j.defense == NO_DEFENSE and j.is_clean)
     clean = load_examples(run_dir, clean_job.id)
-    attacked = [j for j in jobs if j.defense == NO_DEFENSE and not j.is_clean and abs(j.epsilon - eps) < 1e-12]
+    attacked = _attack_jobs(jobs, eps)
     panels = []
     for job in attacked:
         adv = load_examples(run_dir, job.id)
@@ -198,7 +209,16 @@ def _imshow(ax, image: torch.Tensor, **kwargs) -> None:
 
 
 def _attack_jobs(jobs: list, eps: float) -> list:
-    return [j for j in jobs if j.defense == NO_DEFENSE and not j.is_clean and abs(j.epsilon - eps) < 1e-12]
+    """The undefended model's norm-bounded attack jobs at ``eps``."""
+    return [j for j in jobs if j.defense == NO_DEFENSE and not j.is_clean and not j.budget and abs(j.epsilon - eps) < 1e-12]
+
+
+def budget_figures(rows: list[dict], metric: str, label: str, figures_dir: Path) -> list[dict]:
+    """One curve figure per budget of the attacks not bounded by the norm (see :func:`robustness_figure`)."""
+    budgets = sorted({r["budget"] for r in rows if r.get("budget")})
+    found = [robustness_figure(rows, metric, label, figures_dir / f"{metric.replace('_', '-')}-{b}.png", budget=b)
+             for b in budgets]
+    return [f for f in found if f is not None]
 
 
 def strongest_job(run_dir: Path, jobs: list, eps: float):
@@ -417,6 +437,7 @@ def segmentation_figures(run_dir: Path, rows: list[dict], jobs: list, epsilons: 
     figures = [
         robustness_figure(rows, "robust_dice", "Mean Dice", run_dir / "figures" / "robust-dice.png"),
         overlay_figure(run_dir, jobs, max(epsilons), class_names, num_classes, run_dir / "figures" / "overlays.png"),
+        *budget_figures(rows, "robust_dice", "Mean Dice", run_dir / "figures"),
     ]
     return [f for f in figures if f is not None]
 
@@ -434,7 +455,8 @@ def classification_figures(
     from medaudit.core.components import Access
     from medaudit.core.probes import last_layer
 
-    figures = [robustness_figure(rows, "robust_accuracy", "Robust accuracy", run_dir / "figures" / "robust-accuracy.png")]
+    figures = [robustness_figure(rows, "robust_accuracy", "Robust accuracy", run_dir / "figures" / "robust-accuracy.png"),
+               *budget_figures(rows, "robust_accuracy", "Robust accuracy", run_dir / "figures")]
     if jobs and epsilons:
         eps, names = max(epsilons), list(class_names)
         out = run_dir / "figures"
@@ -454,6 +476,15 @@ def classification_figures(
                     _optional("feature embedding", embedding_figure, run_dir, jobs, job, names, out / "feature-embedding.png")
                 )
     return [f for f in figures if f is not None]
+
+
+def task_figures(task, run_dir: Path, rows: list[dict], jobs: list, epsilons: list[float], data, model) -> list[dict]:
+    """The report's figures of ``task``, from the results rows and the run directory."""
+    from medaudit.core.components import Task
+
+    if task is Task.SEGMENTATION:
+        return segmentation_figures(run_dir, rows, jobs, epsilons, data.mask_class_names or [], model.num_classes)
+    return classification_figures(run_dir, rows, jobs, epsilons, data.class_names, model)
 
 
 def data_uri(run_dir: Path, relative: str) -> str:

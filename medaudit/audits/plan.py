@@ -9,7 +9,7 @@ from medaudit.core.components import Access, LoadedModel
 from medaudit.core.errors import SpecError
 from medaudit.core.host import Host
 from medaudit.core.jobs import CLEAN, NAIVE, Job, view_label
-from medaudit.core.spec import NO_DEFENSE, Spec
+from medaudit.core.spec import NO_DEFENSE, Spec, attack_levels
 
 def _job_id(slug: str, config: dict) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
@@ -19,7 +19,8 @@ def _job_id(slug: str, config: dict) -> str:
 def plan_jobs(spec: Spec, host: Host) -> list[Job]:
     """Every job of the audit, clean jobs first, in a stable order. A defense with views
     (:meth:`Defense.view_names`) gets each gradient attack once more per view:
-    ``<label>@<view>``, after the naive one."""
+    ``<label>@<view>``, after the naive one. An attack sized by its own budget runs at its
+    levels (:func:`attack_levels`) instead of the threat model's epsilons."""
     jobs: list[Job] = []
     defenses = [(NO_DEFENSE, None)] + [(d.label, d) for d in spec.defenses]
     for d_label, d_ref in defenses:
@@ -29,20 +30,23 @@ def plan_jobs(spec: Spec, host: Host) -> list[Job]:
         views = host.get("defense", d_ref.name).view_names() if d_ref is not None else {}
         for a_ref in spec.attacks:
             gradient = host.get("attack", a_ref.name).needs is Access.GRADIENTS
+            budget, levels = attack_levels(spec, host, a_ref.label)
+            size = {"budget": budget.name} if budget else {"norm": spec.threat_model.norm.value}
             for view in [NAIVE, *(views if gradient else ())]:
                 label = view_label(a_ref.label, view)
-                for i, eps in enumerate(spec.threat_model.epsilons):
+                for i, eps in enumerate(levels):
                     config = {
                         "task": spec.task.value,
                         "defense": d_config,
                         "attack": {"name": a_ref.name, "params": a_ref.params},
-                        "norm": spec.threat_model.norm.value,
+                        **size,
                         "epsilon": eps,
                     }
                     if view != NAIVE:  # "adaptive": True keeps the ids of runs made before views had names
                         config.update({"adaptive": True} if view == "adaptive" else {"view": view})
-                    slug = f"{d_label}.{label}.eps{i}"
-                    jobs.append(Job(_job_id(slug, config), d_label, label, a_ref.name, eps, config, view, a_ref.label))
+                    slug = f"{d_label}.{label}.{'level' if budget else 'eps'}{i}"
+                    jobs.append(Job(_job_id(slug, config), d_label, label, a_ref.name, eps, config, view, a_ref.label,
+                                    budget.name if budget else ""))
     return jobs
 
 

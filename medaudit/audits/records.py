@@ -89,7 +89,7 @@ def read_facets(run_dir: Path, job_id: str, rows: list[dict]) -> frozenset[Facet
         return frozenset(Facet(f) for f in json.loads(path.read_text(encoding="utf-8"))["facets"])
     first = rows[0] if rows else {}
     legacy = {Facet.CLASSIFICATION: "label", Facet.SEGMENTATION: "adv_dice", Facet.PERTURBATION: "attacked",
-              Facet.FINITE: "clean_finite", Facet.REJECTION: "clean_rejected", Facet.MINIMUM_NORM: "min_norm",
+              Facet.FINITE: "clean_finite", Facet.REJECTION: "clean_rejected", Facet.DETECTION_SCORE: "clean_score", Facet.MINIMUM_NORM: "min_norm",
               Facet.TARGET: "target_dice", Facet.EXTRAS: "extras", Facet.COVARIATES: "covariates"}
     return frozenset(facet for facet, key in legacy.items() if key in first)
 
@@ -98,8 +98,10 @@ def read_records(run_dir: Path, job_id: str) -> Records:
     """Records of a finished job, with the facets they declare. Classification records get
     the derived ``clean_correct``/``adv_correct`` flags: a case whose outputs were not finite
     (facet FINITE) is an error, clean or under attack. Behind a rejecting defense (facet
-    REJECTION) a rejected clean input is an error, and an input under attack survives if it
-    is classified correctly or rejected (a clean job's records have no ``adv_rejected``)."""
+    REJECTION, declared by the defense's :class:`~medaudit.core.components.Screen`) a
+    rejected clean input is an error, and an input under attack survives if it is
+    classified correctly or rejected (a clean job's records have no ``adv_rejected``; a
+    case not attacked has None there)."""
     with open(record_path(run_dir, job_id), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     facets = read_facets(run_dir, job_id, rows)
@@ -111,7 +113,7 @@ def read_records(run_dir: Path, job_id: str) -> Records:
                 and not (rejection and row["clean_rejected"])
             )
             row["adv_correct"] = row["clean_correct"] and (not finite or row["adv_finite"]) and (
-                row["adv_pred"] == row["label"] or (rejection and row.get("adv_rejected", False))
+                row["adv_pred"] == row["label"] or (rejection and bool(row.get("adv_rejected")))
             )
     return Records(rows, facets)
 

@@ -23,14 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import medaudit
 from medaudit.audits import rundir
-from medaudit.audits.figures import classification_figures, segmentation_figures
+from medaudit.audits.figures import task_figures
 from medaudit.audits.plan import check_model_access, plan_jobs
 from medaudit.audits.records import (
     EXAMPLE_CASES, FEATURE_CASES, RecordWriter, is_done, read_records, save_examples, save_features,
 )
 from medaudit.audits.execute import Session, Sink, execute, view_modules
 from medaudit.audits.results import acceptance, compute_metric, compute_results, validity_checks
-from medaudit.core.components import Access, LoadedData, LoadedModel, Task, component_info
+from medaudit.core.components import NO_SCREEN, Access, Facet, LoadedData, LoadedModel, Task, component_info
 from medaudit.core.data import check_data_fits, class_summary, summarise
 from medaudit.core.environment import describe_environment, select_device
 from medaudit.core.errors import (
@@ -391,8 +391,8 @@ class Runner:
         accepted = acceptance(spec, host, computed, checks)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
-        figures = FIGURES[spec.task](self.run_dir, computed["rows"], self.jobs, spec.threat_model.epsilons, data,
-                                     self.models[NO_DEFENSE])
+        figures = task_figures(spec.task, self.run_dir, computed["rows"], self.jobs, spec.threat_model.epsilons, data,
+                               self.models[NO_DEFENSE])
         return {
             "schema_version": SCHEMA_VERSION,
             "medaudit_version": medaudit.__version__,
@@ -459,10 +459,12 @@ class Runner:
             "validity": checks,
             "acceptance": accepted,
             "figures": figures,
-            "conventions": self.protocol.conventions_for(any(m.detector is not None for m in self.models.values())),
+            "conventions": self.protocol.conventions_for(
+                any(Facet.REJECTION in (m.screen or NO_SCREEN).facets for m in self.models.values())),
             "jobs": [
                 {"id": j.id, "title": j.title(), "defense": j.defense, "attack": j.attack, "view": j.view,
-                 "spec_attack": j.spec_attack, "epsilon": j.epsilon, "seconds": seconds.get(j.id)}
+                 "spec_attack": j.spec_attack, "epsilon": j.epsilon, **({"budget": j.budget} if j.budget else {}),
+                 "seconds": seconds.get(j.id)}
                 for j in self.jobs
             ],
             "timeline": timeline,
@@ -478,6 +480,7 @@ class Runner:
         if kind == "attack":
             c = component_info(cls)
             out.update(summary=c["summary"], norms=c["norms"], needs=c["needs"], targeted=c["targeted"])
+            out["budget"] = c.get("budget")  # None: bounded by the threat model's norm
         return out
 
 
@@ -489,14 +492,6 @@ def physical_budgets(epsilons: list[float], window: tuple[float, float] | None) 
     width = window[1] - window[0]
     return [round(e * width, 6) for e in epsilons]
 
-
-#: The report's figures of each task, from the results rows and the run directory.
-FIGURES = {
-    Task.CLASSIFICATION: lambda run_dir, rows, jobs, epsilons, data, model: classification_figures(
-        run_dir, rows, jobs, epsilons, data.class_names, model),
-    Task.SEGMENTATION: lambda run_dir, rows, jobs, epsilons, data, model: segmentation_figures(
-        run_dir, rows, jobs, epsilons, data.mask_class_names or [], model.num_classes),
-}
 
 
 class RunSink(Sink):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from medaudit.audits.aggregation import facets_of
 from medaudit.audits.records import has_nonfinite_output
-from medaudit.core.components import AttackFamily, Norm
+from medaudit.core.components import AttackFamily, Facet, Norm
 from medaudit.core.host import Host
 from medaudit.core.jobs import NAIVE, Job
 from medaudit.core.spec import WORST_CASE, Spec, epsilon_label
@@ -42,25 +43,7 @@ def validity_checks(
     """Checks that the numbers can support a claim. ``gating`` failures make the audit INVALID.
     ``probe``: the runner's findings on the audited model (``deterministic``,
     ``weights_unchanged``, ``randomized`` as the spec declares it, ``cases`` probed)."""
-    norm_field = spec.threat_model.norm.value  # records measure every perturbation in the threat norm
-    worst_excess, out_of_range = 0.0, 0
-    for job in jobs:
-        if job.is_clean:
-            continue
-        for r in records[job.id]:
-            worst_excess = max(worst_excess, r[norm_field] - job.epsilon)
-            out_of_range += not r["in_range"]
-    budget_ok = worst_excess <= BUDGET_TOLERANCE and out_of_range == 0
-    checks = [
-        {
-            "id": "budget_respected",
-            "title": "Perturbations respect the budget and the valid range",
-            "status": PASS if budget_ok else FAIL,
-            "gating": True,
-            "evidence": f"largest excess of the {norm_field} norm over epsilon: {worst_excess:.2e} "
-            f"(tolerance {BUDGET_TOLERANCE:.0e}); adversarial inputs outside [0, 1]: {out_of_range}",
-        }
-    ]
+    checks = [budget_check(spec, host, jobs, records)]
     headline = protocol(spec.task).headline
     bumps = []
     for defense in sorted({r["defense"] for r in rows}):
@@ -86,6 +69,47 @@ def validity_checks(
     if gradient_health:
         checks.append(gradient_check(gradient_health))
     return checks
+
+
+def budget_check(spec: Spec, host: Host, jobs: list[Job], records: dict[str, list[dict]]) -> dict:
+    """Gating: every perturbation within its budget and every adversarial input in [0, 1].
+    A norm-bounded job's records measure each perturbation in the threat norm; an attack
+    sized by its own :class:`~medaudit.core.components.Budget` records each changed case's
+    size under the budget's ``measure``, which must be at most the limit of the job's level
+    (a changed case without it fails the check too: its size is unknown)."""
+    norm_field = spec.threat_model.norm.value
+    worst_excess, out_of_range, normed, own = 0.0, 0, False, {}
+    for job in jobs:
+        if job.is_clean:
+            continue
+        budget = host.get("attack", job.attack_name).budget
+        normed |= budget is None
+        for r in records[job.id]:
+            out_of_range += not r["in_range"]
+            if budget is None:
+                worst_excess = max(worst_excess, r[norm_field] - job.epsilon)
+                continue
+            measured = (r["extras"] if Facet.EXTRAS in facets_of(records[job.id]) else {}).get(budget.measure)
+            excess, missing = own.get(job.spec_attack, (0.0, 0))
+            if measured is None:
+                own[job.spec_attack] = (excess, missing + bool(r["attacked"]))
+            else:
+                own[job.spec_attack] = (max(excess, measured - budget.limit(job.epsilon)), missing)
+    own_excess = max((e for e, _ in own.values()), default=0.0)
+    unmeasured = sum(m for _, m in own.values())
+    ok = worst_excess <= BUDGET_TOLERANCE and own_excess <= BUDGET_TOLERANCE and unmeasured == 0 and out_of_range == 0
+    evidence = [f"largest excess of the {norm_field} norm over epsilon: {worst_excess:.2e}"] if normed else []
+    for label, (excess, missing) in own.items():
+        budget = host.get("attack", next(j.attack_name for j in jobs if j.spec_attack == label)).budget
+        evidence.append(f"{label}: largest excess of its {budget.measure} over its {budget.name}'s limit: {excess:.2e}"
+                        + (f", {missing} changed cases without a recorded {budget.measure}" if missing else ""))
+    return {
+        "id": "budget_respected",
+        "title": "Perturbations respect the budget and the valid range",
+        "status": PASS if ok else FAIL,
+        "gating": True,
+        "evidence": "; ".join([*evidence, f"tolerance {BUDGET_TOLERANCE:.0e}", f"adversarial inputs outside [0, 1]: {out_of_range}"]),
+    }
 
 
 def outputs_check(jobs: list[Job], records: dict[str, list[dict]]) -> dict:
@@ -139,7 +163,9 @@ def attack_strength_checks(spec: Spec, host: Host, jobs: list[Job], rows: list[d
     counts when it exceeds ``STRENGTH_TOLERANCE`` (a fixed 5 points: with a few hundred
     cases, smaller gaps are within sampling noise)."""
     value = {(r["defense"], r["attack"], r["epsilon"]): (r["metrics"].get(headline) or {}).get("value") for r in rows}
-    by_label = {j.attack: j for j in jobs if not j.is_clean}  # a label names one (spec attack, view) everywhere
+    # A label names one (spec attack, view) everywhere; attacks sized by their own budget
+    # (corruptions) share no scale with the norm-bounded ones and are compared with nothing.
+    by_label = {j.attack: j for j in jobs if not j.is_clean and not j.budget}
     family = {label: host.get("attack", j.attack_name).family for label, j in by_label.items()}
     single, masked, blackbox = [], [], []
     for (defense, attack, eps), v in value.items():
@@ -179,7 +205,7 @@ def attack_strength_checks(spec: Spec, host: Host, jobs: list[Job], rows: list[d
             "naive_vs_adaptive", f"Naive attacks on defenses are not far weaker than adaptive ones ({label})", masked,
             "every naive attack came within 5 points of its adaptive twin",
         ))
-    if spec.threat_model.norm.value == "linf" and spec.task.value == "classification":
+    if spec.threat_model.norm.value == "linf" and spec.task.value == "classification" and by_label:
         top = max(spec.threat_model.epsilons)
         high = [f"{d}: {v:.3f}" for (d, a, e), v in value.items() if a == WORST_CASE and e == top and v is not None and v > 0.1]
         checks.append(_check(

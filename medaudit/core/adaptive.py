@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from medaudit.core.components import Facet, Screen
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -72,11 +74,15 @@ class AdaptiveView(nn.Module):
 # -- detectors and routing --------------------------------------------------------------
 
 
-class DetectorScore(nn.Module):
+class DetectorScore(nn.Module, Screen):
     """A fitted detector as a module: ``forward(x)`` gives one score per input (higher =
     more likely adversarial), differentiable when ``x`` requires grad. Inputs scoring above
     ``threshold`` are flagged. ``scale`` (the spread of clean scores) puts scores on the
-    scale of logits for the adaptive views below."""
+    scale of logits for the adaptive views below. As the defended model's :class:`Screen`
+    it records each case's ``score`` and whether it is ``rejected``."""
+
+    facets = frozenset({Facet.DETECTION_SCORE, Facet.REJECTION})
+    fields = ("score", "rejected")
 
     def __init__(self, model: nn.Module, detector, threshold: float, scale: float):
         super().__init__()
@@ -85,6 +91,11 @@ class DetectorScore(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.detector.score(self.model, x)
+
+    def examine(self, x: torch.Tensor) -> dict[str, list]:
+        with torch.no_grad():
+            scores = self(x).float()
+        return {"score": scores.tolist(), "rejected": (scores > self.threshold).tolist()}
 
     def flagged(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -52,7 +52,8 @@ class Facet(str, enum.Enum):
     SEGMENTATION = "segmentation"  #: per-class clean_/adv_ dice, iou, hd95 and pixel accuracy
     PERTURBATION = "perturbation"  #: attacked, linf, l2, in_range
     FINITE = "finite"  #: clean_finite, adv_finite: were all the model's outputs finite
-    REJECTION = "rejection"  #: a rejecting defense: clean_score, clean_rejected, adv_score, adv_rejected
+    REJECTION = "rejection"  #: a rejecting defense's :class:`Screen`: clean_rejected, adv_rejected
+    DETECTION_SCORE = "detection_score"  #: a detector's :class:`Screen`: clean_score, adv_score (higher: more suspect)
     MINIMUM_NORM = "minimum_norm"  #: min_norm: the smallest fooling perturbation found (None: none)
     TARGET = "target"  #: targeted segmentation: target_dice, target_pixel_accuracy, target_changed, target_hit
     EXTRAS = "extras"  #: ``extras``: an attack's per-sample values (PSNR, queries...)
@@ -72,6 +73,9 @@ class AttackFamily(str, enum.Enum):
     DECISION_BASED = "decision-based"
     TRANSFER = "transfer"
     UNIVERSAL = "universal"
+    #: Natural or acquisition variation (noise, blur, artefacts): no search, so it is
+    #: compared with no other family; sized by its own :class:`Budget`, not a norm.
+    CORRUPTION = "corruption"
     OTHER = "other"
 
 
@@ -141,6 +145,29 @@ class Component(abc.ABC):
 # -- models ---------------------------------------------------------------------------
 
 
+class Screen:
+    """What a defense adds to every case's record, clean and under attack: a detector's
+    score and whether it rejects the input, say. The records keep each field ``f`` of
+    :attr:`fields` as ``clean_f`` and, in an attack job, ``adv_f`` (None for the cases not
+    attacked). A screen that rejects inputs declares facet REJECTION and writes a boolean
+    ``rejected``; records then follow the rejection rule for every such defense alike: a
+    rejected clean input is an error, a rejected input under attack a defended case.
+    The default screen adds nothing."""
+
+    #: The facets the screen's fields give the records (REJECTION for a rejecting defense).
+    facets: ClassVar[frozenset[Facet]] = frozenset()
+    #: The per-case fields :meth:`examine` returns, as class data so readers know them before a batch runs.
+    fields: ClassVar[tuple[str, ...]] = ()
+
+    def examine(self, x: "torch.Tensor") -> "dict[str, list]":
+        """One value per input of ``x`` for each of :attr:`fields` (JSON-able), without gradients."""
+        return {}
+
+
+#: The screen of a defended model that adds nothing to the records.
+NO_SCREEN = Screen()
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A model ready to audit.
@@ -163,11 +190,10 @@ class LoadedModel:
     #: A defense's adaptive view (see :class:`Defense`): the same outputs as ``module`` with
     #: gradients an attacker can use; None when ``module``'s own gradients serve.
     adaptive_module: "torch.nn.Module | None" = None
-    #: A detector defense's scorer (:class:`medaudit.core.adaptive.DetectorScore`): maps
-    #: inputs to scores, higher = more likely adversarial; inputs scoring above its
-    #: ``threshold`` are rejected. A rejected clean input is an error; a rejected
-    #: adversarial one is a defended case. None for a model that never rejects.
-    detector: "torch.nn.Module | None" = None
+    #: What the defense adds to each case's record (:class:`Screen`), e.g. a detector
+    #: defense's scorer (:class:`medaudit.core.adaptive.DetectorScore`), which rejects the
+    #: inputs scoring above its threshold. None: nothing added, nothing rejected.
+    screen: "Screen | None" = None
     #: Why ``access`` lacks something, for the planner's messages (e.g. "the model is an
     #: ONNX graph run by onnxruntime: no gradients"); empty when nothing is missing.
     access_reason: str = ""
@@ -426,6 +452,32 @@ class AttackOutcome:
         return result if isinstance(result, AttackOutcome) else cls(result)
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How an attack that no L-p norm bounds is sized: a natural corruption's severity, a
+    watermark's strength. Its jobs run at the budget's levels (the spec attack's ``levels``,
+    or :attr:`levels`), not at the threat model's epsilons, and :meth:`Attack.perturb` gets
+    the level as ``eps``. The budget check does not measure an L-p norm for them: each case
+    the attack changed records the size it applied under the extra :attr:`measure`, and the
+    check holds when every one is at most :meth:`limit` of the job's level.
+    """
+
+    #: What a level is called in tables ("severity": rows read ``severity 3``).
+    name: str
+    #: The levels planned when the spec names none, mildest first.
+    levels: tuple[float, ...]
+    #: The per-sample extra (:class:`AttackOutcome`) holding the size each case got.
+    measure: str
+    #: What a level means and where that definition comes from, for the report.
+    description: str = ""
+    #: The largest ``measure`` a level allows, when it is not the level itself (e.g. a noise
+    #: standard deviation of 0.02 per severity step).
+    scale: float = 1.0
+
+    def limit(self, level: float) -> float:
+        return self.scale * level
+
+
 class Attack(Component):
     """An evasion attack in pixel space.
 
@@ -434,8 +486,12 @@ class Attack(Component):
     attack of the spec and reuses it for every job (defense x epsilon) and batch.
     """
 
-    #: Norms under which the attack bounds its perturbation.
+    #: Norms under which the attack bounds its perturbation (empty for an attack sized by
+    #: its own :attr:`budget`).
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF})
+    #: The attack's own budget when no norm bounds it (:class:`Budget`); None: the threat
+    #: model's norm and epsilons.
+    budget: ClassVar[Budget | None] = None
     #: True when the attack steers towards a target instead of away from the label.
     targeted: ClassVar[bool] = False
     #: What the attack needs from the model.
@@ -683,4 +739,6 @@ def component_info(cls: type[Component]) -> dict[str, Any]:
     }
     if issubclass(cls, Attack):
         info.update(norms=sorted(n.value for n in cls.norms), targeted=cls.targeted, needs=cls.needs.value)
+        if cls.budget is not None:
+            info["budget"] = dataclasses.asdict(cls.budget)
     return info

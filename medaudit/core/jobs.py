@@ -11,7 +11,7 @@ import dataclasses
 from typing import Iterable
 
 from medaudit.core.components import Facet
-from medaudit.core.spec import epsilon_label
+from medaudit.core.spec import epsilon_label, level_label
 
 CLEAN = "clean"
 #: The view of a defended model every attack gets: the deployed system as it is.
@@ -43,6 +43,9 @@ class Job:
     view: str = NAIVE
     #: The attack's label in the spec (the same for every view); ``clean`` for a clean job.
     spec_attack: str = ""
+    #: The name of the attack's own budget (:class:`~medaudit.core.components.Budget`) when
+    #: no norm bounds it; ``epsilon`` is then a level of that budget. Empty: the threat norm.
+    budget: str = ""
 
     def __post_init__(self) -> None:
         if not self.spec_attack:
@@ -59,13 +62,16 @@ class Job:
 
     @property
     def epsilon_label(self) -> str:
-        """The budget as :func:`epsilon_label` writes it in the job's norm (a clean job's is 0)."""
-        return "0" if self.is_clean else epsilon_label(self.epsilon, self.config["norm"])
+        """The budget as :func:`epsilon_label` writes it in the job's norm (a clean job's is
+        0), or as :func:`level_label` does for an attack sized by its own budget."""
+        if self.is_clean:
+            return "0"
+        return level_label(self.epsilon, self.budget) if self.budget else epsilon_label(self.epsilon, self.config["norm"])
 
     def title(self) -> str:
         if self.is_clean:
             return f"{self.defense}: clean"
-        return f"{self.defense}: {self.attack} eps={self.epsilon_label}"
+        return f"{self.defense}: {self.attack} " + (self.epsilon_label if self.budget else f"eps={self.epsilon_label}")
 
 
 class Records(list):

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from medaudit.core.components import Metric, Norm, Task, missing_inputs
+from medaudit.core.components import Budget, Metric, Norm, Task, missing_inputs
 from medaudit.core.errors import SpecError
 from medaudit.core.host import Host, unknown_name_message
 from medaudit.core.yamlsource import Loc, Source, format_loc, parse_yaml, read_yaml
@@ -73,6 +73,11 @@ def epsilon_label(eps: float, norm: Norm | str) -> str:
             if abs(grey - round(grey, digits)) < 1e-6:
                 return f"{round(grey, digits):g}/255"
     return f"{eps:.4g}"
+
+
+def level_label(level: float, budget: str) -> str:
+    """A level of an attack's own budget (:class:`Budget`) as tables write it: ``severity 3``."""
+    return f"{budget} {level:g}"
 
 
 class _Section(BaseModel):
@@ -128,6 +133,17 @@ class AttackRef(_Section):
         description="Label of this attack configuration (defaults to its name); needed when one attack is listed twice.",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="The attack's parameters.")
+    levels: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+        None,
+        min_length=1,
+        description="Levels of an attack sized by its own budget instead of a norm (a corruption's severity): its "
+        "jobs run at these instead of threat_model.epsilons. Default: the levels the attack declares.",
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _sorted_levels(cls, value: list[float] | None) -> list[float] | None:
+        return None if value is None else sorted(set(value))
 
     @property
     def label(self) -> str:
@@ -173,9 +189,11 @@ class Criterion(_Section):
     id: str = Field(description="Identifier shown in the report and junit.xml, e.g. AC-01.")
     description: str = ""
     metric: str = Field(description="Name of a registered metric.")
-    attack: str = Field(WORST_CASE, description="An attack label, or 'worst_case' over all attacks.")
+    attack: str = Field(WORST_CASE, description="An attack label, or 'worst_case' over the attacks bounded by threat_model's norm.")
     defense: str = Field(NO_DEFENSE, description="A defense label, or 'none' for the undefended model.")
-    epsilon: Epsilon | None = Field(None, description="Budget the criterion applies to (not needed for clean metrics).")
+    epsilon: Epsilon | None = Field(
+        None, description="Budget the criterion applies to (not needed for clean metrics): one of threat_model.epsilons, "
+        "or for an attack sized by its own budget (a corruption), one of its levels.")
     op: Literal[">=", ">", "<=", "<"]
     threshold: float = Field(
         allow_inf_nan=False, description="Compared with the metric; inside the metric's range, so that it can pass and fail."
@@ -372,7 +390,12 @@ def _check_components(source: Source, data: dict, host: Host, base_dir: Path, pr
                 f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: {kind} {name!r} does not "
                 f"support task {task!r} (it supports {', '.join(sorted(t.value for t in cls.tasks))})"
             )
-        if kind == "attack" and norm in {n.value for n in Norm} and Norm(norm) not in cls.norms:
+        if kind == "attack" and cls.budget is None and ref.get("levels") is not None:
+            problems.append(
+                f"{source.where(loc + ('levels',))}: {format_loc(loc + ('levels',))}: attack {name!r} is bounded by "
+                "threat_model's norm and runs at its epsilons; 'levels' is for attacks sized by their own budget"
+            )
+        if kind == "attack" and cls.budget is None and norm in {n.value for n in Norm} and Norm(norm) not in cls.norms:
             problems.append(
                 f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: attack {name!r} does not "
                 f"bound the {norm} norm of threat_model (it supports {', '.join(sorted(n.value for n in cls.norms))})"
@@ -404,6 +427,11 @@ def _check_references(source: Source, spec: Spec, host: Host, problems: list[str
             problems.append(f"{source.where(loc + ('metric',))}: {format_loc(loc + ('metric',))}: {unknown_name_message('metric', crit.metric, host.components['metric'])}")
         elif crit.metric not in spec.metrics:
             problems.append(f"{source.where(loc + ('metric',))}: {format_loc(loc + ('metric',))}: metric {crit.metric!r} is not in the spec's 'metrics' list")
+        if crit.attack == WORST_CASE and not (metric_cls is not None and metric_cls.clean) and all(
+                attack_levels(spec, host, a)[0] is not None for a in attack_labels):
+            problems.append(f"{source.where(loc + ('attack',))}: {format_loc(loc + ('attack',))}: the worst case is over "
+                            "the attacks bounded by threat_model's norm, and every attack here is sized by its own "
+                            "budget; name one of them")
         if crit.attack not in attack_labels + [WORST_CASE]:
             problems.append(f"{source.where(loc + ('attack',))}: {format_loc(loc + ('attack',))}: {unknown_name_message('attack', crit.attack, attack_labels + [WORST_CASE])}")
         if crit.defense not in defense_labels:
@@ -413,17 +441,29 @@ def _check_references(source: Source, spec: Spec, host: Host, problems: list[str
         needs_eps = metric_cls is not None and not metric_cls.clean
         if needs_eps and crit.epsilon is None:
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {crit.metric!r} needs an 'epsilon'")
-        if crit.epsilon is not None and not any(abs(crit.epsilon - e) < 1e-12 for e in spec.threat_model.epsilons):
+        budget, levels = attack_levels(spec, host, crit.attack)
+        if crit.epsilon is not None and not any(abs(crit.epsilon - e) < 1e-12 for e in levels):
             norm = spec.threat_model.norm
-            problems.append(
-                f"{source.where(loc + ('epsilon',))}: {format_loc(loc + ('epsilon',))}: epsilon {epsilon_label(crit.epsilon, norm)} "
-                f"is not in threat_model.epsilons ({', '.join(epsilon_label(e, norm) for e in spec.threat_model.epsilons)})"
-            )
+            where = (f"{budget.name} levels of attack {crit.attack!r} ({', '.join(f'{e:g}' for e in levels)})" if budget
+                     else f"threat_model.epsilons ({', '.join(epsilon_label(e, norm) for e in levels)})")
+            shown = f"{crit.epsilon:g}" if budget else epsilon_label(crit.epsilon, norm)
+            problems.append(f"{source.where(loc + ('epsilon',))}: {format_loc(loc + ('epsilon',))}: epsilon {shown} is not in {where}")
     ids = [c.id for c in spec.acceptance.criteria]
     for i, cid in enumerate(ids):
         if cid in ids[:i]:
             loc = ("acceptance", "criteria", i, "id")
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: criterion id {cid!r} is used twice")
+
+
+def attack_levels(spec: Spec, host: Host, label: str) -> tuple[Budget | None, list[float]]:
+    """Where the jobs of the spec's attack ``label`` run: its own budget and levels for an
+    attack sized by a :class:`Budget`, else (None, the threat model's epsilons); the
+    worst case, and an unknown label, run at the epsilons."""
+    ref = next((a for a in spec.attacks if a.label == label), None)
+    cls = host.components["attack"].get(ref.name) if ref is not None else None
+    if cls is None or cls.budget is None:
+        return None, list(spec.threat_model.epsilons)
+    return cls.budget, list(ref.levels or cls.budget.levels)
 
 
 def _undecidable(crit: Criterion, metric: type[Metric]) -> str | None:
@@ -447,6 +487,9 @@ def spec_json_schema(host: Host) -> dict:
         variants = []
         for name, cls in sorted(host.components[kind].items()):
             fields = {name_key: (Literal[name], ...), "params": (cls.Params, None), **extra}
+            if kind == "attack" and cls.budget is not None:  # levels only where the attack has its own budget
+                field = AttackRef.model_fields["levels"]
+                fields["levels"] = (field.annotation, Field(None, description=field.description))
             variants.append(create_model(f"{kind}_{name}".replace("-", "_"), __config__=ConfigDict(extra="forbid"), **fields))
         if not variants:
             return dict[str, Any]

@@ -18,9 +18,9 @@ from medaudit.core.jobs import Records
 from medaudit.core.segmentation import case_mean, dense_scores
 
 #: Shown for every audit with a rejecting defense (a detector).
-DETECTOR_CONVENTION = (
-    "Detector defenses: a clean input the detector rejects counts as an error; an input under attack counts as "
-    "robust when it is rejected or still classified correctly. Detection AUROC and TPR at 5% FPR compare the clean "
+REJECTION_CONVENTION = (
+    "Defenses that reject inputs (detectors): a clean input the defense rejects counts as an error; an input "
+    "under attack counts as robust when it is rejected or still classified correctly. Detection AUROC and TPR at 5% FPR compare the clean "
     "cases' scores with those of the adversarial inputs that fool the classifier."
 )
 
@@ -47,7 +47,7 @@ class TaskProtocol(abc.ABC):
         return data.class_names
 
     def conventions_for(self, rejecting: bool) -> list[str]:
-        return self.conventions + ([DETECTOR_CONVENTION] if rejecting else [])
+        return self.conventions + ([REJECTION_CONVENTION] if rejecting else [])
 
     @abc.abstractmethod
     def output_shape(self, model: LoadedModel, x: torch.Tensor) -> tuple[int, ...]:

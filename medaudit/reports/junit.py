@@ -46,7 +46,9 @@ def _criterion_seconds(c: dict, results: dict) -> float:
         if clean:
             return job["attack"] == "clean"
         same_budget = job["attack"] != "clean" and abs(job["epsilon"] - c["epsilon"]) < 1e-12
-        return same_budget and (c["attack"] == WORST_CASE or job["attack"] == c["attack"])
+        if c["attack"] == WORST_CASE:  # every norm-bounded attack; those sized by their own budget are not in it
+            return same_budget and not job.get("budget")
+        return same_budget and job["attack"] == c["attack"]
 
     return sum(job.get("seconds") or 0.0 for job in results.get("jobs", []) if behind(job))
 

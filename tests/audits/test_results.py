@@ -93,7 +93,9 @@ def test_tables_follow_the_declared_facets():
     assert per_class_table(Records(dense, ()), ["bg", "organ"]) == []
     scored = [{"clean_score": 0.1, "adv_score": 0.9, "adv_pred": 1, "label": 0, "adv_rejected": True}]
     assert detection_summary(Records(scored, {Facet.CLASSIFICATION})) is None
-    assert detection_summary(Records(scored, {Facet.CLASSIFICATION, Facet.REJECTION}))["rejected"] == 1.0
+    assert detection_summary(Records(scored, {Facet.CLASSIFICATION, Facet.REJECTION})) is None  # rejects, no scores
+    detector = {Facet.CLASSIFICATION, Facet.REJECTION, Facet.DETECTION_SCORE}
+    assert detection_summary(Records(scored, detector))["rejected"] == 1.0
 
 
 # -- attack strength compares families ---------------------------------------------------

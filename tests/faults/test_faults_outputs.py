@@ -129,7 +129,7 @@ def test_figures_cap_a_100kb_class_name_and_attack_label(tmp_path, monkeypatch):
     rows = [{"defense": "none", "attack": huge, "epsilon": e, "epsilon_label": label, "metrics": {"robust_accuracy": {"value": v}}}
             for e, label, v in ((0.0, "0", 0.9), (4 / 255, "4/255", 0.2))]
     assert figures.robustness_figure(rows, "robust_accuracy", "Robust accuracy", tmp_path / "curve.png")
-    job = SimpleNamespace(id="job-1", defense="none", attack=huge, epsilon=4 / 255, epsilon_label="4/255", is_clean=False)
+    job = SimpleNamespace(id="job-1", defense="none", attack=huge, epsilon=4 / 255, epsilon_label="4/255", is_clean=False, budget="")
     (tmp_path / "examples").mkdir()
     images = torch.rand(2, 1, 8, 8)
     torch.save({"image": images, "adversarial": (images + 0.01).clamp(0, 1), "truth": torch.tensor([0, 1]),

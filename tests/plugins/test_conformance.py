@@ -69,7 +69,12 @@ def test_params_closed_and_default_or_documented(kind, name):
 def test_attack_class_data(name):
     cls = HOST.get("attack", name)
     assert issubclass(cls, Attack)
-    assert cls.norms and all(isinstance(n, Norm) for n in cls.norms)
+    assert all(isinstance(n, Norm) for n in cls.norms)
+    assert bool(cls.norms) != (cls.budget is not None), f"{name}: bounded by norms or by its own budget, exactly one"
+    if cls.budget is not None:
+        budget = cls.budget
+        assert budget.name and budget.measure in cls.extra_names and budget.description.strip()
+        assert budget.levels and list(budget.levels) == sorted(budget.levels) and min(budget.levels) > 0
     assert isinstance(cls.needs, Access) and isinstance(cls.family, AttackFamily)
     assert isinstance(cls.targeted, bool)
 

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from medaudit import hookimpl
-from medaudit.core.adaptive import RoutedModel, SoftRoutedView
+from medaudit.core.adaptive import DetectorScore, RoutedModel, SoftRoutedView
 from medaudit.core.components import AttackContext, Defense, LoadedData, LoadedModel, Params, Task
 from medaudit.core.models import prepare_for_audit
 from medaudit.plugins.defenses import detectors, trained
@@ -59,7 +59,7 @@ class DetectThenRoute(Defense):
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
         p = self.params
         guarded = self.context.apply_defense(p.detector.name, p.detector.params)
-        if guarded.detector is None:
+        if not isinstance(guarded.screen, DetectorScore):
             raise ValueError(f"detector: {p.detector.name!r} is not a detector defense")
         robust = self.context.apply_defense(p.robust.name, p.robust.params)
         return self._route(model, guarded, robust)
@@ -90,7 +90,7 @@ class DetectThenRoute(Defense):
 
     def _route(self, model: LoadedModel, guarded: LoadedModel, robust: LoadedModel) -> LoadedModel:
         p = self.params
-        routed = RoutedModel(model.module, robust.module, guarded.detector)
+        routed = RoutedModel(model.module, robust.module, guarded.screen)
         defended = dataclasses.replace(
             model,
             module=prepare_for_audit(routed),

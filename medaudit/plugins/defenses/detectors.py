@@ -128,7 +128,7 @@ class _DetectorDefense(Defense):
         return dataclasses.replace(
             model,
             module=protected,
-            detector=scorer,
+            screen=scorer,
             adaptive_module=JointView(protected, scorer),
             fingerprint=fingerprint(self, model, self.train),
             description=f"{model.description}, behind a {detector.name} detector fitted on {len(fit_rows)} cases of "
@@ -139,7 +139,7 @@ class _DetectorDefense(Defense):
     def export_state(self, defended: LoadedModel) -> dict[str, Any]:
         """The fitted detector, its threshold and scale, the guarded classifier's weights
         when it is a trained copy, and what the report says of the fit."""
-        scorer: DetectorScore = defended.detector
+        scorer: DetectorScore = defended.screen
         return {
             "detector": scorer.detector.export_state(),
             "threshold": scorer.threshold,
@@ -165,7 +165,7 @@ class _DetectorDefense(Defense):
         return dataclasses.replace(
             model,
             module=protected,
-            detector=scorer,
+            screen=scorer,
             adaptive_module=JointView(protected, scorer),
             fingerprint=state["fingerprint"],
             description=state["description"],

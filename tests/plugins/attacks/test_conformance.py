@@ -34,6 +34,7 @@ CHEAP = {
     "dag": {"steps": 3},
     "dag-medical": {"steps": 3},
     "msa": {"steps": 3},
+    "rician-noise": {},
 }
 #: Segmentation-only attacks: the harness below runs the classification demo model, so
 #: they are left out of it and checked against a U-Net in their own tests
@@ -81,3 +82,29 @@ def test_budget_range_identity_and_determinism(name, norm, demo_model, demo_data
     assert torch.equal(run(make(name, demo_data), 0.0), x)
     assert torch.equal(run(make(name, demo_data), eps), x_adv), f"{name} is not deterministic under a fixed seed"
     assert not any(p.requires_grad for p in model.parameters())
+
+
+BUDGETED = sorted(name for name, cls in HOST.components["attack"].items() if cls.budget is not None)
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+def test_own_budget_measure_range_identity_and_determinism(name, demo_model, demo_data):
+    """An attack sized by its own budget records, for every case, a measure within its
+    level's limit (what the run's budget check reads), keeps shape, dtype and [0, 1], is
+    the identity at level 0 and is deterministic under a seed."""
+    cls = HOST.get("attack", name)
+    model, x, y = demo_model.module, demo_data.images[:8], demo_data.labels[:8]
+
+    def run(level, seed=0):
+        outcome = AttackOutcome.of(make(name, demo_data).perturb(
+            model, x, y, eps=level, norm=Norm.LINF, generator=torch.Generator().manual_seed(seed)))
+        return outcome.adversarial, outcome.extras
+
+    for level in cls.budget.levels:
+        x_adv, extras = run(level)
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        measured = extras[cls.budget.measure]
+        assert len(measured) == len(x) and all(m <= cls.budget.limit(level) + 1e-9 for m in measured)
+        assert torch.equal(run(level)[0], x_adv), f"{name} is not deterministic under a fixed seed"
+    assert torch.equal(run(0.0)[0], x)

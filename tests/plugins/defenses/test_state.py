@@ -62,8 +62,8 @@ def outputs(defended, x, y) -> dict[str, torch.Tensor]:
     detector's scores and every view's logits and input gradients (labels bound)."""
     views = {"adaptive": defended.adaptive_module, **defended.views}
     out = {"module": defended.module(x)}
-    if defended.detector is not None:
-        out["scores"] = defended.detector(x)
+    if defended.screen is not None:
+        out["scores"] = defended.screen(x)
     for name, view in views.items():
         if view is None:
             continue
