@@ -21,7 +21,7 @@ from medaudit.core.adaptive import bind_labels
 from medaudit.core.components import (
     NO_SCREEN, Attack, AttackContext, AttackOutcome, Defense, Facet, LoadedData, LoadedModel, Metric,
 )
-from medaudit.core.environment import select_device
+from medaudit.core.environment import configure_torch, select_device
 from medaudit.core.errors import DataError, SpecError
 from medaudit.core.host import Host
 from medaudit.core.jobs import NAIVE, Job, Records
@@ -112,8 +112,7 @@ class Session:
 
         host = host or get_host()
         spec = load_spec_text(yaml.safe_dump(spec_dict), host, Path(base_dir))
-        if spec.runtime.num_threads:
-            torch.set_num_threads(spec.runtime.num_threads)
+        configure_torch(spec.runtime)
         return cls.load(spec, host, select_device(spec.runtime.device), run_dir=Path(run_dir))
 
     def save_states(self, run_dir: Path) -> None:
@@ -143,10 +142,11 @@ class Sink:
 
 
 def execute(session: Session, job: Job, start: int, stop: int, clean: list[dict] | None = None,
-            sink: Sink | None = None) -> Records:
+            sink: Sink | None = None, batch_size: int | None = None) -> Records:
     """The records of cases ``[start, stop)`` of ``job``, batch by batch (``start`` a multiple
     of the batch size, so batches are the same in any split). ``clean``: the clean job's
-    records of the same cases (attack jobs)."""
+    records of the same cases (attack jobs). ``batch_size``: the spec's unless given (smaller
+    after running out of memory)."""
     spec, p, sink = session.spec, session.protocol, sink or Sink()
     defended = session.models[job.defense]
     attack = None if job.is_clean else session.attacks[job.spec_attack]
@@ -157,13 +157,15 @@ def execute(session: Session, job: Job, start: int, stop: int, clean: list[dict]
     facets |= {Facet.CASE_SCORES} if metrics else set()
     facets |= {Facet.COVARIATES} if session.data.covariates is not None else set()
     records: list[dict] = []
-    for b, x, y in session.data.batches(start, stop, spec.runtime.batch_size, task=spec.task):
+    cuda = session.device.type == "cuda"
+    for b, x, y in session.data.batches(start, stop, batch_size or spec.runtime.batch_size, spec.runtime.workers,
+                                        task=spec.task, pin_memory=cuda):
         seed = batch_seed(spec.runtime.seed, key, b)
         torch.manual_seed(seed)
         generator = torch.Generator(device=session.device).manual_seed(seed)
         before = None if clean is None else clean[b - start : b - start + len(x)]
-        rows, found = _batch(session, job, attack, defended, metrics, b, x.to(session.device), y.to(session.device),
-                             before, generator, sink)
+        x, y = x.to(session.device, non_blocking=cuda), y.to(session.device, non_blocking=cuda)
+        rows, found = _batch(session, job, attack, defended, metrics, b, x, y, before, generator, sink)
         facets |= found
         records.extend(rows)
     return Records(records, facets)

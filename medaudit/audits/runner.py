@@ -32,9 +32,9 @@ from medaudit.audits.execute import Session, Sink, execute, view_modules
 from medaudit.audits.results import acceptance, compute_metric, compute_results, validity_checks
 from medaudit.core.components import NO_SCREEN, Access, Facet, LoadedData, LoadedModel, Task, component_info
 from medaudit.core.data import check_data_fits, class_summary, summarise
-from medaudit.core.environment import describe_environment, select_device
+from medaudit.core.environment import GpuMonitor, configure_torch, describe_environment, select_device
 from medaudit.core.errors import (
-    DataError, ExitCode, MedauditError, ModelRaised, ModelRejected, ModelUnstable, SpecError, Terminated,
+    DataError, ExitCode, MedauditError, ModelRaised, ModelRejected, ModelUnstable, OutOfMemory, SpecError, Terminated,
 )
 from medaudit.core.host import Host
 from medaudit.core.jobs import Job, Records, view_label
@@ -159,6 +159,8 @@ class Runner:
         self.command = command
         self.console = Console(stderr=True)
         self.protocol = protocol(spec.task)
+        #: The batch size jobs run at: the spec's, halved after each out-of-memory error.
+        self.batch_size = spec.runtime.batch_size
 
     @property
     def model_name(self) -> str:
@@ -169,8 +171,7 @@ class Runner:
 
     def load(self) -> None:
         spec = self.spec
-        if spec.runtime.num_threads:
-            torch.set_num_threads(spec.runtime.num_threads)
+        configure_torch(spec.runtime)  # before anything touches CUDA
         self.device = select_device(spec.runtime.device)
         self.session = Session.load(spec, self.host, self.device, checks=self._check_loaded)
         self.models, self.attacks = self.session.models, self.session.attacks
@@ -267,6 +268,9 @@ class Runner:
                 run_dir, self.spec.model_dump(mode="json"), self.fingerprints, self.environment()
             )
         self.run_dir = run_dir
+        # A resumed run keeps the batch size an earlier out-of-memory error left it with.
+        self.batch_size = min([self.spec.runtime.batch_size] + [e["to"] for e in rundir.read_timeline(run_dir)
+                                                                if e.get("event") == "batch_size"])
         rundir.log_event(run_dir, event="resume" if resume_dir else "start", command=self.command)
         self.host.pm.hook.audit_started(spec=self.spec, run_dir=run_dir, jobs=self.jobs)
 
@@ -296,7 +300,7 @@ class Runner:
     def gradient_health(self, cases: int = 32) -> dict[str, dict]:
         """Per model an attack differentiates (each defense's naive and adaptive views): how
         many of the first ``cases`` inputs get an all-zero or non-finite loss gradient."""
-        n = min(cases, self.spec.runtime.batch_size, len(self.data))
+        n = min(cases, self.batch_size, len(self.data))
         _, x, y = next(self.data.batches(0, n, n, task=self.spec.task))
         x, y = x.to(self.device), y.to(self.device)
         health = {}
@@ -323,31 +327,66 @@ class Runner:
         }
 
     def run_job(self, job: Job, progress: Progress) -> dict[str, Any]:
-        """Run one job over every case, write its records and return its metric values."""
+        """Run one job over every case, write its records and return its metric values. Out
+        of GPU memory, the job starts again at half the batch size (:meth:`_halve_batch`)."""
         started = time.perf_counter()
-        n, bs = len(self.data), self.spec.runtime.batch_size
+        n = len(self.data)
         clean = None
         if not job.is_clean:
             clean_job = next(j for j in self.jobs if j.defense == job.defense and j.is_clean)
             clean = read_records(self.run_dir, clean_job.id)
-        task = progress.add_task(f"  {job.title()}", total=-(-n // bs))
-        writer = RecordWriter(self.run_dir, job.id)
-        sink = RunSink(self.run_dir, self.data, self.protocol.keeps_features, lambda: progress.advance(task))
-        try:
-            records = execute(self.session, job, 0, n, clean, sink)
-            writer.write(records)
-            sink.finish(job)
-        except BaseException as exc:
-            writer.discard()
-            progress.remove_task(task)
-            if isinstance(exc, Exception) and (frame := self._model_frame(exc)) is not None:
-                self._model_raised(job, exc, frame, list(self.data.case_ids[sink.start : sink.start + bs]))
-            raise
+        while True:
+            bs = self.batch_size
+            task = progress.add_task(f"  {job.title()}", total=-(-n // bs))
+            writer = RecordWriter(self.run_dir, job.id)
+            gpu = GpuMonitor(self.device)
+
+            def advance(task=task, gpu=gpu):
+                progress.advance(task)
+                gpu.sample()
+
+            sink = RunSink(self.run_dir, self.data, self.protocol.keeps_features, advance)
+            try:
+                records = execute(self.session, job, 0, n, clean, sink, batch_size=bs)
+                writer.write(records)
+                sink.finish(job)
+                break
+            except BaseException as exc:
+                writer.discard()
+                progress.remove_task(task)
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    self._halve_batch(job, exc)
+                    continue
+                if isinstance(exc, Exception) and (frame := self._model_frame(exc)) is not None:
+                    self._model_raised(job, exc, frame, list(self.data.case_ids[sink.start : sink.start + bs]))
+                raise
         writer.commit(records.facets)
         progress.remove_task(task)
         seconds = time.perf_counter() - started
-        rundir.log_event(self.run_dir, event="job", job=job.id, seconds=round(seconds, 3))
+        rundir.log_event(self.run_dir, event="job", job=job.id, seconds=round(seconds, 3), batch_size=bs, **gpu.summary())
         return {"job": job.id, "seconds": seconds, **self._job_metrics(job, records)}
+
+    def _halve_batch(self, job: Job, exc: Exception) -> None:
+        """Out of GPU memory: free the cache and run the job again at half the batch size,
+        logged in the timeline (the report shows it). Batches start at multiples of the new
+        size, so the per-batch seeds are those of a run at that size from the start. At
+        batch size 1 the run stops, resumable, with advice (the fault list's row 16)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        bs = self.batch_size
+        if bs == 1:
+            done = sum(is_done(self.run_dir, j.id) for j in self.jobs)
+            rundir.log_event(self.run_dir, event="out_of_memory", job=job.id, detail=_first_line(exc))
+            raise OutOfMemory(
+                f"out of memory on {self.device} at batch size 1 in job {job.title()!r} ({_first_line(exc)}); "
+                f"{done} of {len(self.jobs)} jobs finished in {self.run_dir}. Free the GPU (other processes: "
+                "nvidia-smi), use smaller inputs or a GPU with more memory, or set runtime.device: cpu, then resume "
+                f"with: medaudit run SPEC --resume {self.run_dir}"
+            ) from None
+        self.batch_size = max(bs // 2, 1)
+        detail = f"batch size {bs} -> {self.batch_size}: out of memory in job {job.title()}"
+        rundir.log_event(self.run_dir, event="batch_size", job=job.id, to=self.batch_size, detail=detail)
+        self.console.print(f"[yellow]{detail}; running the job again[/yellow]")
 
     def _job_metrics(self, job: Job, records: Records) -> dict[str, Any]:
         """The job's metric values as results.json will give them (clean metrics for a clean job)."""
@@ -391,6 +430,8 @@ class Runner:
         accepted = acceptance(spec, host, computed, checks)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
+        usage = {e["job"]: {k: e[k] for k in ("batch_size", "gpu_memory_peak_mib", "gpu_utilisation_percent") if k in e}
+                 for e in timeline if e.get("event") == "job"}
         figures = task_figures(spec.task, self.run_dir, computed["rows"], self.jobs, spec.threat_model.epsilons, data,
                                self.models[NO_DEFENSE])
         return {
@@ -464,7 +505,7 @@ class Runner:
             "jobs": [
                 {"id": j.id, "title": j.title(), "defense": j.defense, "attack": j.attack, "view": j.view,
                  "spec_attack": j.spec_attack, "epsilon": j.epsilon, **({"budget": j.budget} if j.budget else {}),
-                 "seconds": seconds.get(j.id)}
+                 "seconds": seconds.get(j.id), **usage.get(j.id, {})}
                 for j in self.jobs
             ],
             "timeline": timeline,

@@ -360,13 +360,16 @@ class LoadedData:
         return torch.stack([self.cases[i][key] for i in range(len(self))]).contiguous()
 
     def batches(
-        self, start: int, stop: int, batch_size: int, workers: int = 0, task: "Task | str | None" = None
+        self, start: int, stop: int, batch_size: int, workers: int = 0, task: "Task | str | None" = None,
+        pin_memory: bool = False,
     ) -> "Iterator[tuple[int, torch.Tensor, torch.Tensor]]":
         """Yield ``(batch_start, x, truth)`` for cases ``[start, stop)`` in batches starting at
         ``start``, ``start + batch_size``, ...; ``x`` is float32 in [0, 1], ``truth`` the int64
         class indices (classification) or label maps (segmentation: pass ``task``; without it,
         a data set with masks is ambiguous and refused). Lazy cases are read through a
-        ``torch.utils.data.DataLoader`` with ``workers`` processes; in-memory ones are sliced."""
+        ``torch.utils.data.DataLoader`` with ``workers`` processes, into page-locked memory
+        with ``pin_memory`` (so a CUDA copy can overlap the next batch's reading); in-memory
+        ones are sliced."""
         from torch.utils.data import DataLoader, Subset
 
         stop = min(stop, len(self))
@@ -389,6 +392,7 @@ class LoadedData:
             shuffle=False,
             num_workers=workers,
             collate_fn=_collate_cases,
+            pin_memory=pin_memory,
         )
         b = start
         for batch in loader:

@@ -93,6 +93,12 @@ class ModelUnstable(MedauditError):
     exit_code = ExitCode.INVALID
 
 
+class OutOfMemory(MedauditError):
+    """Out of memory even at batch size 1: the run stops, resumable, with advice."""
+
+    exit_code = ExitCode.INTERNAL_ERROR
+
+
 class ModelRaised(MedauditError):
     """The audited model's own code raised during a job: the message names the model, the
     job, the cases of the batch and the model's frame; the run directory stays resumable."""

@@ -34,11 +34,16 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _counts(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
     """Per-case, per-class true positives, false positives and false negatives (``N x K``),
-    from one bincount of (case, truth, prediction) triples: no one-hot maps in memory."""
+    from one count of (case, truth, prediction) triples: no one-hot maps in memory. The
+    count is a scatter-add into the ``N x K x K`` bins, not ``torch.bincount``, whose output
+    size depends on the data: on CUDA it reads the largest index back to the host, a sync
+    attacks would pay on every step."""
     n, k = pred.shape[0], num_classes
     case = torch.arange(n, device=pred.device).view(-1, *([1] * (pred.dim() - 1)))
-    index = (case * k + truth.long()) * k + pred.long()
-    confusion = torch.bincount(index.flatten(), minlength=n * k * k).view(n, k, k).double()  # [case, truth, pred]
+    index = ((case * k + truth.long()) * k + pred.long()).flatten()
+    confusion = torch.zeros(n * k * k, dtype=torch.long, device=pred.device)
+    confusion.scatter_add_(0, index, index.new_ones(()).expand_as(index))
+    confusion = confusion.view(n, k, k).double()  # [case, truth, pred]
     tp = confusion.diagonal(dim1=1, dim2=2)
     return tp, confusion.sum(1) - tp, confusion.sum(2) - tp
 

@@ -236,6 +236,11 @@ class Runtime(_Section):
     seed: int = Field(0, ge=0, description="Seeds every random choice together with each job's id.")
     output_dir: Path = Field(Path("runs"), description="Run directories go under <output_dir>/<audit name>/.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    workers: int = Field(
+        0, ge=0, le=64,
+        description="DataLoader worker processes that read cases from disk while the model works (0: read in the "
+        "main process). On a GPU, 2 to 8 keep it fed; results do not depend on it.",
+    )
     autocast: Literal["off", "bf16", "fp16"] = Field(
         "off",
         description="Run the model's forward pass in reduced precision (torch.autocast); logits, and so "
@@ -244,6 +249,12 @@ class Runtime(_Section):
     )
     channels_last: bool = Field(
         False, description="Channels-last memory format for 2D models and inputs: often faster for CNNs on GPUs."
+    )
+    deterministic: bool = Field(
+        False,
+        description="Deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS workspace :4096:8, no cuDNN "
+        "autotuning): a rerun on the same machine, device and versions gives bit-identical records, also on a GPU; "
+        "slower, and an operation without a deterministic version stops the run. CPU runs are deterministic anyway.",
     )
 
     @model_validator(mode="after")

@@ -90,7 +90,18 @@ def test_broken_torchvision_gives_install_advice():
         "try:\n    require_torchvision()\nexcept EnvironmentProblem as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "torchvision cannot be imported" in out and "pip install 'torch>=2.14,<2.15' 'torchvision>=0.29,<0.30'" in out
+    minor = int(torch.__version__.split(".")[1])
+    assert "torchvision cannot be imported" in out and f"pip install 'torchvision==0.{minor + 15}.*'" in out
+
+
+@pytest.mark.parametrize("torch_version,command", [
+    ("2.4.1", "pip install 'torchvision==0.19.*'"), ("2.11.0+cu130", "pip install 'torchvision==0.26.*'"),
+    ("2.14.1", "pip install 'torchvision==0.29.*'"), (None, "pip install 'torch>=2.4' 'torchvision>=0.19'"),
+])
+def test_install_advice_names_the_torchvision_of_this_torch(torch_version, command):
+    from medaudit.core.environment import matching_torchvision
+
+    assert matching_torchvision(torch_version) == command
 
 
 # -- checkpoint safety: sha256 pins and pickled code ------------------------------------
