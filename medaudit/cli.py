@@ -128,11 +128,13 @@ def printable_log_record(record: logging.LogRecord) -> bool:
               help="Write the run to exactly this directory instead of <output_dir>/<audit>/<stamp>; refused if it holds files, unless --force.")
 @click.option("--force", is_flag=True, help="With --run-dir: replace an earlier run there (its files are removed once the model and data have loaded).")
 @click.option("--device", help="Override runtime.device (auto, cpu, cuda, cuda:N).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="Override runtime.executor: ray shards the jobs over worker processes (GPUs, a cluster).")
+@click.option("--ray-address", help="Override runtime.ray.address (auto: the cluster started here with `ray start`; ray://host:port).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def run(
     spec_path: Path, resume_dir: Path | None, output_dir: Path | None, run_dir: Path | None, force: bool,
-    device: str | None, quiet: bool,
+    device: str | None, executor: str | None, ray_address: str | None, quiet: bool,
 ) -> None:
     """Run the audit described by SPEC and write its report."""
     from medaudit.audits.plan import check_model_access
@@ -153,7 +155,15 @@ def run(
     host = _host()
     spec = load_spec(spec_path, host)
     check_model_access(spec, host)  # what the loader declares; refused before anything loads
-    overrides = {k: v for k, v in {"output_dir": output_dir, "device": device}.items() if v is not None}
+    overrides = {k: v for k, v in {"output_dir": output_dir, "device": device, "executor": executor}.items() if v is not None}
+    if ray_address is not None:
+        overrides["ray"] = spec.runtime.ray.model_copy(update={"address": ray_address})
+    if overrides.get("executor") == "ray":
+        from medaudit.core.errors import SpecError
+        from medaudit.core.spec import RAY_INSTALL, ray_installed
+
+        if not ray_installed():
+            raise SpecError([f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}"], source="command line")
     if overrides:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=overrides)})
     check_reports_possible(spec.report.formats)  # a missing browser stops the run now, not after the audit

@@ -161,6 +161,8 @@ class Runner:
         self.protocol = protocol(spec.task)
         #: The batch size jobs run at: the spec's, halved after each out-of-memory error.
         self.batch_size = spec.runtime.batch_size
+        #: The Ray workers (``runtime.executor: ray``) while the run lasts; None runs jobs here.
+        self.pool = None
 
     @property
     def model_name(self) -> str:
@@ -221,17 +223,28 @@ class Runner:
         rundir.check_free_space(output, self.output_bytes(resume_dir))
         self.run_dir = None
         try:
+            if self.spec.runtime.executor == "ray":  # workers start (and versions are checked) before the run directory exists
+                from medaudit.audits.ray_executor import RayPool
+
+                self.pool = RayPool.start(self)
             return self._run_in_dir(resume_dir, run_dir, force)
         except OSError as exc:
             if exc.errno not in rundir.NOT_WRITABLE:
                 raise
             raise rundir.output_error(exc, self.run_dir) from None
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool = None
 
     def environment(self) -> dict[str, Any]:
         """What environment.json records: versions and hardware, plus the plugins that are
         not built in, with their versions (a resume refuses any change of these)."""
         plugins = {info.distribution or name: info.version for name, info in self.host.plugins.items() if not info.builtin}
-        return {**describe_environment(self.device), "plugins": plugins}
+        executor = {"executor": self.spec.runtime.executor}
+        if self.pool is not None:
+            executor["cluster"] = self.pool.describe()
+        return {**describe_environment(self.device), "plugins": plugins, **executor}
 
     def output_bytes(self, resume_dir: Path | None = None) -> int:
         """A rough upper estimate of what the run writes, checked against the free space
@@ -281,19 +294,22 @@ class Runner:
         )
         with progress:
             overall = progress.add_task("jobs", total=len(self.jobs), completed=len(self.jobs) - len(todo))
-            for job in todo:
-                try:
-                    summary = self.run_job(job, progress)
-                    progress.advance(overall)
-                    self.host.pm.hook.job_finished(job=job, summary=summary, run_dir=run_dir)
-                except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP through the CLI's handler
-                    done = sum(is_done(run_dir, j.id) for j in self.jobs)
-                    name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
-                    rundir.log_event(run_dir, event="interrupted", signal=name, finished_jobs=done)
-                    raise Interrupted(
-                        f"interrupted by {name}: {done} of {len(self.jobs)} jobs finished in {run_dir}; "
-                        f"resume with: medaudit run SPEC --resume {run_dir}"
-                    ) from None
+            try:
+                if self.pool is not None:  # shards on Ray workers; the hooks fire here as jobs are committed
+                    self.pool.run(todo, progress, overall)
+                else:
+                    for job in todo:
+                        summary = self.run_job(job, progress)
+                        progress.advance(overall)
+                        self.host.pm.hook.job_finished(job=job, summary=summary, run_dir=run_dir)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP through the CLI's handler
+                done = sum(is_done(run_dir, j.id) for j in self.jobs)
+                name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
+                rundir.log_event(run_dir, event="interrupted", signal=name, finished_jobs=done)
+                raise Interrupted(
+                    f"interrupted by {name}: {done} of {len(self.jobs)} jobs finished in {run_dir}; "
+                    f"resume with: medaudit run SPEC --resume {run_dir}"
+                ) from None
 
         return Outcome(run_dir, self.build_results())
 

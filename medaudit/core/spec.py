@@ -230,6 +230,39 @@ class ReportOptions(_Section):
     )
 
 
+#: How to install what ``runtime.executor: ray`` needs.
+RAY_INSTALL = "pip install -e '.[ray]'"
+
+
+def ray_installed() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class RayOptions(_Section):
+    """Where and how wide the Ray executor runs (``runtime.executor: ray``)."""
+
+    address: str | None = Field(
+        None, description="The Ray cluster: null starts a local one on this machine, auto joins the cluster started here "
+        "with `ray start`, ray://host:port joins a remote one.",
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description="Worker processes (actors), each loading the model once; default: one per GPU, else "
+        "one per CPU Ray offers, at most one per shard.",
+    )
+    gpus_per_worker: float | None = Field(
+        None, ge=0, description="GPUs each worker holds; default: 1 when the cluster has GPUs, else 0.",
+    )
+    cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each worker holds.")
+    shard_cases: int | None = Field(
+        None, ge=1, description="Cases per shard, the unit of work a worker runs (rounded up to a multiple of "
+        "runtime.batch_size); default: enough for two shards of each job per worker.",
+    )
+
+
 class Runtime(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto picks CUDA when present.")
     batch_size: int = Field(64, ge=1, le=65536)
@@ -256,6 +289,18 @@ class Runtime(_Section):
         "autotuning): a rerun on the same machine, device and versions gives bit-identical records, also on a GPU; "
         "slower, and an operation without a deterministic version stops the run. CPU runs are deterministic anyway.",
     )
+
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local runs every job in this process; ray shards the jobs over worker processes on "
+        "the GPUs of this machine or a Ray cluster (runtime.ray). Results do not depend on it.",
+    )
+    ray: RayOptions = Field(default_factory=RayOptions)
+
+    @model_validator(mode="after")
+    def _ray_installed(self) -> "Runtime":
+        if self.executor == "ray" and not ray_installed():
+            raise ValueError(f"executor ray needs Ray, which is not installed: {RAY_INSTALL}")
+        return self
 
     @model_validator(mode="after")
     def _fp16_needs_cuda(self) -> "Runtime":
@@ -315,9 +360,11 @@ class Spec(_Section):
         return self
 
     def digest(self) -> str:
-        """sha256 of the resolved spec, ignoring where results are written."""
+        """sha256 of the resolved spec, ignoring where results are written and which executor runs the jobs
+        (a run started locally may be resumed on Ray)."""
         data = self.model_dump(mode="json")
-        data["runtime"].pop("output_dir", None)
+        for where in ("output_dir", "executor", "ray"):  # where a run goes and runs, not what it computes
+            data["runtime"].pop(where, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def title(self) -> str:
