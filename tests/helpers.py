@@ -1,9 +1,10 @@
-"""Small helpers shared by the attack tests."""
+"""Small helpers shared by the tests: running an attack or an audit, interrupting one."""
 
 from __future__ import annotations
 
 import torch
 
+import medaudit
 from medaudit.core.components import Norm
 
 
@@ -28,3 +29,16 @@ def run_audit(spec, host, resume_dir=None, *, runner=None, **run_options):
     write_reports(outcome.run_dir, outcome.results, host, spec.report.formats, runner.data.sensitive_values,
                   runner.console)
     return outcome
+
+
+class StopAfter:
+    """A plugin that presses Ctrl-C after ``n`` jobs, through the job_finished hook."""
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, []
+
+    @medaudit.hookimpl
+    def job_finished(self, job):
+        self.seen.append(job.id)
+        if len(self.seen) == self.n:
+            raise KeyboardInterrupt

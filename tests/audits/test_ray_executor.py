@@ -24,7 +24,7 @@ from medaudit.core.host import get_host
 from medaudit.core.spec import load_spec
 from medaudit.plugins.attacks.gradient import FGSM, FGSMParams
 from tests.conftest import spec_text
-from tests.helpers import run_audit
+from tests.helpers import StopAfter, run_audit
 
 ROOT = Path(__file__).resolve().parents[2]
 N, BATCH = 24, 8
@@ -53,19 +53,6 @@ class FragilePlugin:
     @medaudit.hookimpl
     def register_attacks(self, register):
         register(FragileFGSM)
-
-
-class StopAfter:
-    """Presses Ctrl-C after ``n`` jobs, through the job_finished hook."""
-
-    def __init__(self, n: int):
-        self.n, self.seen = n, []
-
-    @medaudit.hookimpl
-    def job_finished(self, job):
-        self.seen.append(job.id)
-        if len(self.seen) == self.n:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")

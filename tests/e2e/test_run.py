@@ -19,7 +19,7 @@ from medaudit.cli import cli
 from medaudit.core.components import Attack, Norm, Params
 from medaudit.core.errors import ExitCode, ResumeError
 from medaudit.core.host import get_host
-from tests.helpers import run_audit
+from tests.helpers import StopAfter, run_audit
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "demo.yaml"
 
@@ -136,19 +136,6 @@ def test_budget_violation_makes_the_audit_invalid(write_spec, tmp_path):
     [check] = [c for c in outcome.results["validity"] if c["id"] == "budget_respected"]
     assert check["status"] == "FAIL"
     assert junit_outcomes(tmp_path)["budget_respected"] == "failure"
-
-
-class StopAfter:
-    """Presses Ctrl-C after ``n`` jobs, through the job_finished hook."""
-
-    def __init__(self, n: int):
-        self.n, self.seen = n, []
-
-    @medaudit.hookimpl
-    def job_finished(self, job):
-        self.seen.append(job.id)
-        if len(self.seen) == self.n:
-            raise KeyboardInterrupt
 
 
 def test_interrupted_run_resumes_without_redoing_jobs(write_spec, tmp_path):
