@@ -14,6 +14,8 @@ L1 the norm of the whole perturbation, L0 the fraction of pixel positions that m
 
 from __future__ import annotations
 
+import abc
+
 import math
 
 import torch
@@ -37,25 +39,28 @@ def _positions(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2) if t.dim() > 2 else t[:, None]
 
 
-class NormBall:
+class NormBall(abc.ABC):
     """A norm's geometry. Subclasses define :meth:`size`, :meth:`shrink` (the projection of a
     perturbation onto the eps-ball), :meth:`direction` (the steepest-ascent direction of unit
     size) and :meth:`noise` (a random perturbation inside the ball)."""
 
     norm: Norm
 
+    @abc.abstractmethod
     def size(self, delta: torch.Tensor) -> torch.Tensor:
         """The norm of each sample of ``delta`` (a 1-D tensor)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def shrink(self, delta: torch.Tensor, eps: float) -> torch.Tensor:
-        raise NotImplementedError
+        """``delta`` projected onto the eps-ball."""
 
+    @abc.abstractmethod
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The steepest-ascent direction of unit size."""
 
+    @abc.abstractmethod
     def noise(self, x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
-        raise NotImplementedError
+        """A random perturbation inside the eps-ball."""
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
         """Project onto the eps-ball around ``x`` intersected with the valid range [0, 1]."""

@@ -158,8 +158,6 @@ def test_trained_restore_refuses_a_missing_or_changed_checkpoint(demo_model, dem
 
 @pytest.mark.parametrize("name", ["ensemble", "median", "jpeg", "bit-depth", "gaussian", "lgs"])
 def test_defenses_that_fit_nothing_export_no_state(name, host):
-    cls = host.components["defense"].get(name)
-    if cls is None:
-        pytest.skip(f"no defense {name!r}")
+    cls = host.get("defense", name)
     assert cls.export_state is detectors.Defense.export_state
 
