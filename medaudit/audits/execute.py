@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+import medaudit
 from medaudit.core.adaptive import bind_labels
 from medaudit.core.components import (
     NO_SCREEN, Attack, AttackContext, AttackOutcome, Defense, Facet, LoadedData, LoadedModel, Metric,
@@ -30,6 +33,8 @@ from medaudit.core.norms import perturbation_sizes, recorded_norms
 from medaudit.core.spec import NO_DEFENSE, Spec
 from medaudit.core.tasks import TaskProtocol, protocol
 
+#: Where torch's and medaudit's own code lives: a frame outside them may be the audited model's.
+LIBRARY_DIRS = tuple(os.path.join(os.path.dirname(m.__file__), "") for m in (torch, medaudit))
 #: An attack's extra that records keep as a top-level field (facet MINIMUM_NORM), as before extras existed.
 MIN_NORM = "min_norm"
 
@@ -39,6 +44,19 @@ def batch_seed(seed: int, key: str, batch_start: int) -> int:
     id) and the batch's first case; the first batch's is the job seed of earlier versions."""
     name = key if batch_start == 0 else f"{key}@{batch_start}"
     return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16)
+
+
+def model_frame(module: torch.nn.Module, exc: BaseException) -> str | None:
+    """Where the audited model's own code raised ``exc`` (``file:LINE in function``, the
+    innermost frame outside torch and medaudit), or None when no frame outside them is the
+    model's (then it is a bug in medaudit or a plugin)."""
+    own = {id(m) for m in module.modules()}
+    outside = [(f, line) for f, line in traceback.walk_tb(exc.__traceback__)
+               if not f.f_code.co_filename.startswith(LIBRARY_DIRS)]
+    if not any(id(f.f_locals.get("self")) in own for f, _ in outside):
+        return None
+    frame, line = outside[-1]
+    return f"{os.path.basename(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name}"
 
 
 def state_path(run_dir: Path, kind: str, label: str) -> Path:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from medaudit.audits import rundir
-from medaudit.audits.execute import Session, Sink, execute
+from medaudit.audits.execute import Session, Sink, execute, model_frame
 from medaudit.audits.records import (
     EXAMPLE_CASES, FEATURE_CASES, RecordWriter, is_done, read_records, save_examples, save_features,
 )
@@ -45,11 +45,13 @@ PINNED_PACKAGES = ("medaudit", "torch")
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """Cases ``[start, stop)`` of one job."""
+    """Cases ``[start, stop)`` of one job, run at ``batch_size`` (a job's shards share one
+    size: after an out-of-memory error every shard of the job runs again at the new size)."""
 
     job: Job
     start: int
     stop: int
+    batch_size: int
 
 
 def case_ranges(n: int, batch_size: int, shard_cases: int) -> list[tuple[int, int]]:
@@ -67,6 +69,8 @@ class CollectingSink(Sink):
         self.features, self.keep_examples = features, examples
         self.tap: FeatureTap | None = None
         self.examples: tuple | None = None
+        self.start = 0  # the first case of the batch running now
+
 
     def scoring(self, job, model, positions):
         if not self.features:
@@ -78,6 +82,7 @@ class CollectingSink(Sink):
         if batch_start == 0 and self.keep_examples:
             self.examples = tuple(None if t is None else t[:EXAMPLE_CASES].detach().cpu().clone()
                                   for t in (x, shown, y, pred, target, clean_pred))
+        self.start = batch_start + len(x)
 
 
 class ShardWorker:
@@ -102,10 +107,25 @@ class ShardWorker:
         return {"host": platform.node(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], **describe_environment(self.session.device)}
 
-    def run(self, shard: Shard, clean: list[dict] | None, batch_size: int) -> dict[str, Any]:
+    def run(self, shard: Shard, clean: list[dict] | None) -> dict[str, Any]:
+        """The shard's records and side outputs; out of GPU memory, or an exception raised in
+        the audited model's own code, the answer says so instead (the driver decides: a
+        smaller batch, or a stop that names the model and the batch's cases)."""
         sink = CollectingSink(self.features, self.examples and shard.start == 0)
+        sink.start = shard.start
         started = time.perf_counter()
-        records = execute(self.session, shard.job, shard.start, shard.stop, clean, sink, batch_size)
+        try:
+            records = execute(self.session, shard.job, shard.start, shard.stop, clean, sink, shard.batch_size)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.session.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return {"out_of_memory": _first_line(exc)}
+        except Exception as exc:
+            if (frame := model_frame(self.session.model.module, exc)) is None:
+                raise
+            cases = self.session.data.case_ids[sink.start : min(sink.start + shard.batch_size, shard.stop)]
+            return {"model_error": {"error": type(exc).__name__, "message": _first_line(exc), "frame": frame,
+                                    "cases": list(cases)}}
         return {"rows": list(records), "facets": sorted(f.value for f in records.facets), "examples": sink.examples,
                 "features": sink.tap.result() if sink.tap is not None else None,
                 "seconds": time.perf_counter() - started, "pid": os.getpid()}
@@ -169,9 +189,11 @@ class RayPool:
         entry_points = any(not info.builtin and info.distribution is not None for info in host.plugins.values())
         self.actor_args = (runner.spec.model_dump(mode="json"), os.getcwd(), ray.put(states), plugins, entry_points)
         self.worker_class = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=self.gpus, max_restarts=0)
+        begun = time.perf_counter()
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
         try:
             self.workers = ray.get([a.describe.remote() for a in self.actors])
+            self.startup_seconds = time.perf_counter() - begun  # a process each, importing torch, opening the session
         except ray.exceptions.RayError as exc:
             raise MedauditError(f"a Ray worker could not start: {_first_line(exc)}") from None
         self._check_versions()
@@ -232,18 +254,26 @@ class RayPool:
         """Run the unfinished jobs: clean jobs first, each attack job once its clean job is
         committed; commit each job when its last shard is back and fire ``job_finished``."""
         ray, runner = self.ray, self.runner
-        run_dir, n, bs = runner.run_dir, len(runner.data), runner.batch_size
-        ranges = case_ranges(n, bs, self.shard_cases(n, bs))
+        run_dir, n = runner.run_dir, len(runner.data)
+        first = case_ranges(n, runner.batch_size, self.shard_cases(n, runner.batch_size))
         cluster = self.describe()
-        rundir.log_event(run_dir, event="executor", executor="ray", cluster=cluster,
-                         detail=f"ray: {cluster['num_workers']} workers on {cluster['nodes']} node(s), "
-                                f"{len(ranges)} shards per job of up to {ranges[0][1] - ranges[0][0]} cases")
+        rundir.log_event(run_dir, event="executor", executor="ray", cluster=cluster, startup_seconds=self.startup_seconds,
+                         detail=f"ray: {cluster['num_workers']} workers on {cluster['nodes']} node(s) started in "
+                                f"{self.startup_seconds:.1f} s, {len(first)} shards per job of up to "
+                                f"{first[0][1] - first[0][0]} cases")
         waiting = [job for job in todo if not job.is_clean]
-        ready = deque(Shard(job, a, b) for job in todo if job.is_clean for a, b in ranges)
+        ready: deque[Shard] = deque()
         clean: dict[str, Records] = {}
         parts: dict[str, dict[int, dict]] = {}
+        sizes: dict[str, int] = {}  # the batch size each job's shards run at now
         started: dict[str, float] = {}
         retries: dict[tuple[str, int], int] = {}  # by (job id, first case)
+        bar = progress.add_task(f"  cases ({self.num_workers} Ray workers)", total=n * len(todo))
+
+        def queue(job: Job) -> None:
+            """Queue every shard of ``job`` at the run's batch size (again, after out of memory)."""
+            bs = sizes[job.id] = runner.batch_size
+            ready.extend(Shard(job, a, b, bs) for a, b in case_ranges(n, bs, self.shard_cases(n, bs)))
 
         def release() -> None:
             """Queue the shards of the attack jobs whose clean job is done."""
@@ -252,43 +282,67 @@ class RayPool:
                 if is_done(run_dir, clean_job.id):
                     if job.defense not in clean:
                         clean[job.defense] = read_records(run_dir, clean_job.id)
-                    ready.extend(Shard(job, a, b) for a, b in ranges)
+                    queue(job)
                     waiting.remove(job)
 
+        for job in todo:
+            if job.is_clean:
+                queue(job)
         release()
-        bar = progress.add_task(f"  shards ({self.num_workers} Ray workers)", total=len(todo) * len(ranges))
         inflight: dict[Any, tuple[int, Shard]] = {}
         idle = list(range(len(self.actors)))
+        throughput = {w: [0, 0.0] for w in idle}  # cases and seconds per worker
         try:
             while ready or inflight:
                 while ready and idle:
                     shard, w = ready.popleft(), idle.pop(0)
                     rows = None if shard.job.is_clean else clean[shard.job.defense][shard.start : shard.stop]
                     started.setdefault(shard.job.id, time.perf_counter())
-                    inflight[self.actors[w].run.remote(shard, rows, bs)] = (w, shard)
+                    inflight[self.actors[w].run.remote(shard, rows)] = (w, shard)
                 [ref], _ = ray.wait(list(inflight), num_returns=1)
                 w, shard = inflight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
                     self._retry(w, shard, exc, retries)
-                    ready.appendleft(shard)
+                    if shard.batch_size == sizes[shard.job.id]:  # else the job already started again
+                        ready.appendleft(shard)
                     idle.append(w)
                     continue
                 except ray.exceptions.RayTaskError as exc:  # the job itself failed: as in the local executor
                     raise exc.cause if isinstance(exc.cause, Exception) else exc from None
                 idle.append(w)
-                progress.advance(bar)
-                done = parts.setdefault(shard.job.id, {})
-                done[shard.start] = result
-                if len(done) == len(ranges):
-                    summary = self._commit(shard.job, parts.pop(shard.job.id), started.pop(shard.job.id))
+                job = shard.job
+                if shard.batch_size != sizes[job.id]:  # from before the job started again at a smaller batch
+                    continue
+                if "model_error" in result:
+                    error = result["model_error"]
+                    runner._model_raised(job, error["error"], error["message"], error["frame"], error["cases"])
+                if "out_of_memory" in result:
+                    if runner.batch_size == shard.batch_size:  # not halved yet for another job's shard
+                        runner._halve_batch(job, torch.cuda.OutOfMemoryError(result["out_of_memory"]))
+                    lost = parts.pop(job.id, {})
+                    progress.advance(bar, -sum(part["stop"] - start for start, part in lost.items()))
+                    for stale in [s for s in ready if s.job.id == job.id]:
+                        ready.remove(stale)
+                    queue(job)
+                    continue
+                cases = shard.stop - shard.start
+                progress.advance(bar, cases)
+                throughput[w][0] += cases
+                throughput[w][1] += result["seconds"]
+                progress.update(bar, description=f"  cases ({self.num_workers} Ray workers: " + ", ".join(
+                    f"{c / t:.1f}/s" if t else "idle" for c, t in throughput.values()) + ")")
+                done = parts.setdefault(job.id, {})
+                done[shard.start] = {**result, "stop": shard.stop}
+                if sum(part["stop"] - start for start, part in done.items()) == n:
+                    summary = self._commit(job, parts.pop(job.id), started.pop(job.id), shard.batch_size)
                     progress.advance(overall)
-                    runner.host.pm.hook.job_finished(job=shard.job, summary=summary, run_dir=run_dir)
+                    runner.host.pm.hook.job_finished(job=job, summary=summary, run_dir=run_dir)
                     release()
+            self._log_throughput(throughput)
         finally:
             progress.remove_task(bar)
-
     def _retry(self, w: int, shard: Shard, exc: Exception, retries: dict[tuple[str, int], int]) -> None:
         """A worker died: log the retry, replace the worker; stop after :data:`MAX_RETRIES`."""
         key = (shard.job.id, shard.start)
@@ -308,7 +362,15 @@ class RayPool:
             pass
         self.actors[w] = self._new_actor()
 
-    def _commit(self, job: Job, parts: dict[int, dict], started: float) -> dict[str, Any]:
+    def _log_throughput(self, throughput: dict[int, list]) -> None:
+        """Cases per second of each worker over the run, for the timeline and the report."""
+        workers = [{"worker": w + 1, "host": self.workers[w]["host"], "cases": cases, "seconds": round(seconds, 3)}
+                   for w, (cases, seconds) in throughput.items()]
+        shown = ", ".join(f"{w['worker']} ({w['host']}) {w['cases'] / w['seconds']:.1f} cases/s" if w["seconds"] else
+                          f"{w['worker']} ({w['host']}) idle" for w in workers)
+        rundir.log_event(self.runner.run_dir, event="workers", workers=workers, detail=f"ray workers: {shown}")
+
+    def _commit(self, job: Job, parts: dict[int, dict], started: float, batch_size: int) -> dict[str, Any]:
         """Write a job's records in case order with its examples and features, as the local executor does."""
         runner, run_dir = self.runner, self.runner.run_dir
         ordered = [parts[start] for start in sorted(parts)]
@@ -330,6 +392,6 @@ class RayPool:
             raise
         writer.commit(records.facets)
         seconds = time.perf_counter() - started
-        rundir.log_event(run_dir, event="job", job=job.id, seconds=round(seconds, 3), batch_size=runner.batch_size,
+        rundir.log_event(run_dir, event="job", job=job.id, seconds=round(seconds, 3), batch_size=batch_size,
                          executor="ray", shards=len(ordered), worker_seconds=round(sum(p["seconds"] for p in ordered), 3))
         return {"job": job.id, "seconds": seconds, **runner._job_metrics(job, records)}

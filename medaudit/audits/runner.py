@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from medaudit.audits.plan import check_model_access, plan_jobs
 from medaudit.audits.records import (
     EXAMPLE_CASES, FEATURE_CASES, RecordWriter, is_done, read_records, save_examples, save_features,
 )
-from medaudit.audits.execute import Session, Sink, execute, view_modules
+from medaudit.audits.execute import Session, Sink, execute, model_frame, view_modules
 from medaudit.audits.results import acceptance, compute_metric, compute_results, validity_checks
 from medaudit.core.components import NO_SCREEN, Access, Facet, LoadedData, LoadedModel, Task, component_info
 from medaudit.core.data import check_data_fits, class_summary, summarise
@@ -46,8 +44,7 @@ from medaudit.core.probes import FeatureTap
 from medaudit.core.spec import NO_DEFENSE, Spec, epsilon_label
 
 SCHEMA_VERSION = 1
-#: Where torch and medaudit live: frames there are never the model's own code.
-LIBRARY_DIRS = tuple(os.path.join(os.path.dirname(m.__file__), "") for m in (torch, medaudit))
+
 
 class Interrupted(MedauditError):
     exit_code = ExitCode.INTERRUPTED
@@ -373,8 +370,9 @@ class Runner:
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     self._halve_batch(job, exc)
                     continue
-                if isinstance(exc, Exception) and (frame := self._model_frame(exc)) is not None:
-                    self._model_raised(job, exc, frame, list(self.data.case_ids[sink.start : sink.start + bs]))
+                if isinstance(exc, Exception) and (frame := model_frame(self.model.module, exc)) is not None:
+                    self._model_raised(job, type(exc).__name__, _first_line(exc), frame,
+                                       list(self.data.case_ids[sink.start : sink.start + bs]))
                 raise
         writer.commit(records.facets)
         progress.remove_task(task)
@@ -412,24 +410,12 @@ class Runner:
         return {"metrics": {name: compute_metric(m, read, confidence)
                             for name, m in metrics.items() if m.clean == job.is_clean}}
 
-    def _model_frame(self, exc: Exception) -> str | None:
-        """Where the audited model's own code raised ``exc`` (``file:LINE in function``, the
-        innermost frame outside torch and medaudit), or None when no frame outside them is
-        the model's (then it is a bug in medaudit or a plugin)."""
-        own = {id(m) for m in self.model.module.modules()}
-        outside = [(f, line) for f, line in traceback.walk_tb(exc.__traceback__)
-                   if not f.f_code.co_filename.startswith(LIBRARY_DIRS)]
-        if not any(id(f.f_locals.get("self")) in own for f, _ in outside):
-            return None
-        frame, line = outside[-1]
-        return f"{os.path.basename(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name}"
-
-    def _model_raised(self, job: Job, exc: Exception, frame: str, cases: list[str]) -> None:
+    def _model_raised(self, job: Job, error: str, message: str, frame: str, cases: list[str]) -> None:
         """Log the batch's cases and stop with one line that names the model as the source."""
-        rundir.log_event(self.run_dir, event="model_error", job=job.id, cases=cases, error=type(exc).__name__, frame=frame)
+        rundir.log_event(self.run_dir, event="model_error", job=job.id, cases=cases, error=error, frame=frame)
         shown = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
         raise ModelRaised(
-            f"{self.model_name} raised {type(exc).__name__}: {_first_line(exc)} (at {frame}) in job {job.title()!r}, "
+            f"{self.model_name} raised {error}: {message} (at {frame}) in job {job.title()!r}, "
             f"on the batch of cases {shown}; fix the model, then resume with: medaudit run SPEC --resume {self.run_dir}"
         ) from None
 

@@ -7,6 +7,7 @@ temporary folder that the fixture removes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -180,6 +181,54 @@ def test_ray_gives_the_local_segmentation_results(cluster, tmp_path, host):
     sharded = run_audit(load_spec(segmentation(tmp_path, "ray"), host), host)
     assert numbers(sharded.results) == numbers(local.results)
     assert outputs(sharded) == outputs(local)
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_a_worker_halves_the_batch_and_gives_the_local_records(cluster, write_spec, tmp_path):
+    """The worker's model has room for 8 inputs; the spec asks for 32. Each job's shards run
+    again at the halved size until they fit, with the records of a local run at 8."""
+    from tests.faults import test_out_of_memory as oom
+
+    def audit(loader: str, batch_size: int, executor: str):
+        return load_spec(write_spec(
+            model=f"model:\n  loader: {loader}",
+            data="data:\n  dataset: phantom\n  params: {n: 24, size: 64, seed: 0}",
+            threat_model="threat_model:\n  norm: linf\n  epsilons: [2/255]",
+            attacks="attacks:\n  - name: pgd\n    params: {steps: 2}",
+            runtime=f"runtime:\n  device: cpu\n  batch_size: {batch_size}\n  num_threads: 1\n"
+                    f"  output_dir: {tmp_path / executor}\n  executor: {executor}\n  ray: {{num_workers: 2, shard_cases: 8}}",
+            name=f"{executor}.yaml"), oom.HOST)
+
+    halved = run_audit(audit("cramped-demo", 32, "ray"), oom.HOST)
+    assert [e["to"] for e in halved.results["timeline"] if e["event"] == "batch_size"] == [16, 8]
+    assert {j["batch_size"] for j in halved.results["jobs"]} == {8}
+    direct = run_audit(audit("demo", 8, "local"), oom.HOST)
+    assert oom.records(halved) == oom.records(direct)
+    [workers] = [e for e in halved.results["timeline"] if e["event"] == "workers"]
+    assert sum(w["cases"] for w in workers["workers"]) == 2 * 24  # accepted shards only: clean and PGD, once each
+
+
+@pytest.mark.slow
+def test_a_model_that_raises_on_a_worker_is_named_as_the_source(cluster, tmp_path, host):
+    from medaudit.core.errors import ModelRaised
+    from tests.faults.test_faults_verdict import BatchLimitNet, spec
+
+    path = spec(tmp_path, "BatchLimitNet")
+    path.write_text(path.read_text().replace(
+        "runtime: {device: cpu, batch_size: 16, seed: 0}",
+        f"runtime: {{device: cpu, batch_size: 16, seed: 0, num_threads: 1, output_dir: {tmp_path / 'out'}, "
+        "executor: ray, ray: {num_workers: 2}}"), encoding="utf-8")
+    with pytest.raises(ModelRaised) as info:
+        run_audit(load_spec(path, host), host)
+    line = BatchLimitNet.forward.__code__.co_firstlineno + 2
+    message = str(info.value)
+    assert f"test_faults_verdict.py:{line} in forward" in message and "none: clean" in message, message
+    assert "larger than the exported batch size 8" in message and "--resume" in message
+    [run_dir] = [p.parent for p in (tmp_path / "out").rglob("timeline.jsonl")]
+    events = [json.loads(e) for e in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    [error] = [e for e in events if e["event"] == "model_error"]
+    assert error["job"].startswith("none.clean") and len(error["cases"]) == 16 and error["cases"][0] in message
+    assert not list((run_dir / "records").glob("*.jsonl*"))
 
 
 def test_executor_ray_without_ray_is_a_spec_error_with_the_install_hint(tmp_path):
