@@ -46,6 +46,13 @@ def judge(criterion: Criterion, value: dict | None, norm: Norm, budget: str = ""
     return {**out, "verdict": PASS if ok else FAIL, "reason": ""}
 
 
+def class_value(rates: dict | None, class_name: str, metric: str) -> dict | None:
+    """A per-class rate's value for one class, from a row's (or the clean) ``class_rates``."""
+    if not rates or class_name not in rates["classes"]:
+        return None
+    return rates["rates"][rates["classes"].index(class_name)].get(metric.removeprefix("clean_"))
+
+
 def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[dict]) -> dict[str, Any]:
     """Judge each criterion and the audit. A criterion whose scope held a case with a NaN or
     Inf output is INCONCLUSIVE: that case has no prediction to score."""
@@ -53,14 +60,17 @@ def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[di
     for c in spec.acceptance.criteria:
         if host.get("metric", c.metric).clean:
             value = computed["clean"][c.defense].get(c.metric)
+            rates = computed.get("clean_class_rates", {}).get(c.defense)
             scope: tuple = (c.defense,)
         else:
             row = next(
                 r for r in computed["rows"]
                 if r["defense"] == c.defense and r["attack"] == c.attack and abs(r["epsilon"] - c.epsilon) < 1e-12
             )
-            value = row["metrics"].get(c.metric)
+            value, rates = row["metrics"].get(c.metric), row.get("class_rates")
             scope = (row["defense"], row["attack"], row["epsilon"])
+        if c.class_name is not None:  # a per-class rate, for the class the criterion names
+            value = class_value(rates, c.class_name, c.metric)
         budget, _ = attack_levels(spec, host, c.attack)
         judged.append(judge(c, value, spec.threat_model.norm, budget.name if budget else ""))
         if nonfinite := computed.get("nonfinite", {}).get(scope):

@@ -17,9 +17,10 @@ from typing import Any, Sequence
 
 from medaudit.audits.records import has_nonfinite_output, read_records
 from medaudit.audits.statistics import BOOTSTRAP, WILSON, metric_value
-from medaudit.core.components import Facet, Metric, Norm
+from medaudit.core.components import Facet, Metric, MetricValue, Norm
 from medaudit.core.host import Host
 from medaudit.core.jobs import CLEAN, Job, Records
+from medaudit.core import rates as class_counts
 from medaudit.core.spec import NO_DEFENSE, WORST_CASE, Spec, epsilon_label, level_label
 from medaudit.core.tasks import protocol
 
@@ -65,6 +66,7 @@ def compute_results(
         for row in records[job.id]:
             row["attack"] = job.attack
     clean: dict[str, dict] = {}
+    clean_rates: dict[str, dict] = {}
     rows: list[dict[str, Any]] = []
     clean_records: dict[str, Records] = {}
     worst: dict[tuple[str, float], Records] = {}
@@ -73,6 +75,8 @@ def compute_results(
         clean_job = next(j for j in jobs if j.defense == defense and j.is_clean)
         clean[defense] = {n: compute_metric(m, records[clean_job.id], confidence, *intervals) for n, m in clean_metrics.items()}
         clean_records[defense] = records[clean_job.id]
+        if rates := class_rates(records[clean_job.id], class_names or [], "clean", confidence, intervals):
+            clean_rates[defense] = rates
         attacked = [j for j in jobs if j.defense == defense and not j.is_clean]
         for eps in spec.threat_model.epsilons:
             group = [j for j in attacked if not j.budget and j.epsilon == eps]
@@ -96,7 +100,8 @@ def compute_results(
         and Facet.MINIMUM_NORM in facets_of(records[job.id]) and records[job.id]
     ]
     subgroups = subgroup_rows(clean_records, worst, norm, clean_metrics, attack_metrics, confidence, intervals)
-    return {"clean": clean, "rows": rows, "curves": curves, "subgroups": subgroups, "records": records,
+    return {"clean": clean, "clean_class_rates": clean_rates, "rows": rows, "curves": curves, "subgroups": subgroups,
+            "records": records,
             "nonfinite": nonfinite_cases(jobs, records)}
 
 
@@ -179,9 +184,16 @@ def group_row(
     }
     if budget:
         row["budget"] = budget
+        if effect := corruption_effect(records, confidence, intervals):
+            row["corruption"] = effect
+    if seen := perceptibility(records):
+        row["perceptibility"] = seen
     table = per_class_table(records, class_names or [])
     if table:
         row["per_class"] = table
+    rates = class_rates(records, class_names or [], "adv", confidence, intervals)
+    if rates:
+        row["class_rates"] = rates
     detection = detection_summary(records)
     if detection:
         row["detection"] = detection
@@ -202,6 +214,69 @@ def per_class_table(records: Sequence[dict], class_names: list[str]) -> list[dic
         }
         for c in range(k)
     ]
+
+
+def perceptibility(records: Sequence[dict]) -> dict | None:
+    """How visible the changes are: mean SSIM and mean PSNR (dB; a case left unchanged has no
+    finite PSNR and is left out of that mean) against the clean images, over the n cases
+    the attack or corruption ran on."""
+    if Facet.PERCEPTIBILITY not in facets_of(records):
+        return None
+    measured = [r for r in records if r["attacked"] and r["ssim"] is not None]
+    if not measured:
+        return None
+    decibels = [r["psnr"] for r in measured if r["psnr"] is not None]
+    return {"n": len(measured), "ssim_mean": fmean(r["ssim"] for r in measured),
+            "psnr_mean": fmean(decibels) if decibels else None}
+
+
+def corruption_effect(records: Sequence[dict], confidence: float,
+                      intervals: tuple[str, str] = (WILSON, BOOTSTRAP)) -> dict | None:
+    """What a corruption did over its draws: the typical result beside the worst-of-k figure
+    the metrics give (classification: the share of draws classified correctly, a case wrong
+    when clean counting 0; segmentation: the mean Dice over the draws), and the strength its
+    severity applied. None for records without a corruption's extras."""
+    if Facet.EXTRAS not in facets_of(records):
+        return None
+    changed = [r["extras"] for r in records if r["attacked"] and r["extras"].get("corruption_strength") is not None]
+    if not changed:
+        return None
+    typical = [r["extras"]["draws_mean"] if r["attacked"] and r["extras"].get("draws_mean") is not None
+               else float(bool(r.get("adv_correct"))) for r in records]
+    return {
+        "strength": changed[0]["corruption_strength"],
+        "draws_mean": metric_value(MetricValue(value=fmean(typical), n=len(typical), per_case=tuple(typical)),
+                                   confidence, *intervals),
+    }
+
+
+def class_rates(records: Sequence[dict], class_names: list[str], side: str, confidence: float,
+                intervals: tuple[str, str] = (WILSON, BOOTSTRAP)) -> dict | None:
+    """The direction of errors (classification records): the confusion matrix (rows: true
+    class, columns: the answer; a NaN/Inf output or a rejected input answers none, the last
+    column) and each class's sensitivity, specificity and false-negative rate with
+    intervals, clean (``side`` "clean") or under attack ("adv")."""
+    if not records or Facet.CLASSIFICATION not in facets_of(records):
+        return None
+    k = max(len(class_names), 1 + max(max(r["label"], r["clean_pred"], r["adv_pred"]) for r in records))
+    names = class_names if len(class_names) == k else [f"class {i}" for i in range(k)]
+    confusion = [[0] * (k + 1) for _ in range(k)]
+    for r in records:
+        answer = next((c for c in range(k) if class_counts.answers(r, c, side)), k)
+        confusion[r["label"]][answer] += 1
+
+    def rate(flags: list[bool], flip: bool = False) -> dict | None:
+        if not flags:
+            return None
+        hits = sum(flags) if not flip else len(flags) - sum(flags)
+        return metric_value(MetricValue(value=hits / len(flags), n=len(flags), successes=hits), confidence, *intervals)
+
+    classes = []
+    for c in range(k):
+        found, spared = class_counts.found(records, c, side), class_counts.spared(records, c, side)
+        classes.append({"class": names[c], "n": sum(confusion[c]), "sensitivity": rate(found),
+                        "specificity": rate(spared), "false_negative_rate": rate(found, flip=True)})
+    return {"classes": names, "confusion": confusion, "rates": classes}
 
 
 def robustness_curve(defense: str, attack: str, records: Sequence[dict], points: int = 11) -> dict:

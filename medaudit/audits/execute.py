@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import traceback
 from pathlib import Path
@@ -30,6 +31,7 @@ from medaudit.core.host import Host
 from medaudit.core.jobs import NAIVE, Job, Records
 from medaudit.core.models import SpeedWrapper, prepare_for_audit
 from medaudit.core.norms import perturbation_sizes, recorded_norms
+from medaudit.core.quality import psnr, ssim
 from medaudit.core.spec import NO_DEFENSE, Spec
 from medaudit.core.tasks import TaskProtocol, protocol
 
@@ -203,6 +205,7 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
     sizes = {**{norm.value: torch.zeros(n, device=x.device) for norm in recorded_norms(threat)},
              "in_range": torch.ones(n, dtype=torch.bool, device=x.device)}
     shown, target, extras = x, None, {}
+    quality: dict[str, list] = {"psnr": [None] * n, "ssim": [None] * n}
     adv_screened: dict[str, list] = {f: [None] * n for f in screen.fields}
     if clean is None:  # a clean job: the inputs as they are
         with torch.inference_mode(), sink.scoring(job, model, positions):
@@ -244,8 +247,12 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
             shown = x.clone()
             shown[idx] = x_adv.to(shown.dtype)
             extras = {name: _per_case(values, idx, n) for name, values in outcome.extras.items()}
+            decibels = _per_case(psnr(x_adv, x_att), idx, n)  # an unchanged case has no finite PSNR: None
+            quality = {"psnr": [None if v is None or math.isinf(v) else v for v in decibels],
+                       "ssim": _per_case(ssim(x_adv, x_att), idx, n)}
         for name in attack.extra_names:
             extras.setdefault(name, [None] * n)
+        facets.add(Facet.PERCEPTIBILITY)
         target = attack.target_masks(y)
         case_scores = {name: m.score_cases(pred, y, spacing) for name, m in metrics.items()}
     sink.batch(job, b, x, shown, y, pred, clean_pred, target)
@@ -263,6 +270,9 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
             row[f"clean_{f}"] = clean_screened[f][i]
             if clean is not None:
                 row[f"adv_{f}"] = adv_screened[f][i]
+    if Facet.PERCEPTIBILITY in facets:
+        for i, row in enumerate(rows):
+            row["psnr"], row["ssim"] = quality["psnr"][i], quality["ssim"][i]
     if target is not None:
         facets.add(Facet.TARGET)
         for row, fields in zip(rows, p.target_fields(pred, y, target, spacing, k)):

@@ -88,6 +88,7 @@ def robustness_figure(rows: list[dict], metric: str, label: str, path: Path, bud
             f"(these are not bounded by the threat model's norm, so they have their own axis and no worst case). "
             f"Data: the {metric} rows of results.json whose budget is {budget!r}.",
             "path": f"figures/{path.name}",
+            "section": "shift",
         }
     return {
         "id": path.stem,
@@ -214,11 +215,49 @@ def _attack_jobs(jobs: list, eps: float) -> list:
 
 
 def budget_figures(rows: list[dict], metric: str, label: str, figures_dir: Path) -> list[dict]:
-    """One curve figure per budget of the attacks not bounded by the norm (see :func:`robustness_figure`)."""
+    """One curve figure per budget of the attacks not bounded by the norm (see
+    :func:`robustness_figure`), and the corruptions' heat map."""
     budgets = sorted({r["budget"] for r in rows if r.get("budget")})
     found = [robustness_figure(rows, metric, label, figures_dir / f"{metric.replace('_', '-')}-{b}.png", budget=b)
              for b in budgets]
+    found.append(corruption_heatmap(rows, metric, label, figures_dir / f"{metric.replace('_', '-')}-corruptions.png"))
     return [f for f in found if f is not None]
+
+
+def corruption_heatmap(rows: list[dict], metric: str, label: str, path: Path) -> dict[str, Any] | None:
+    """Corruption x severity: the metric of the undefended model in each cell (worst of the
+    draws), so the operations and levels that hurt stand out at a glance."""
+    cells = {(r["attack"], r["epsilon"]): r["metrics"][metric]["value"] for r in rows
+             if r.get("corruption") and r["defense"] == NO_DEFENSE and (r["metrics"].get(metric) or {}).get("value") is not None}
+    if not cells:
+        return None
+    import numpy as np
+
+    names = sorted({a for a, _ in cells}, key=lambda a: min(v for (b, _), v in cells.items() if b == a))
+    levels = sorted({e for _, e in cells})
+    grid = np.array([[cells.get((a, e), np.nan) for e in levels] for a in names])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.75 * len(levels), 0.9 + 0.32 * len(names)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(names)):
+        for j in range(len(levels)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if 0.25 < grid[i, j] < 0.85 else "white")
+    ax.set_xticks(range(len(levels)), [f"{e:g}" for e in levels], fontsize=8)
+    ax.set_yticks(range(len(names)), [short(a) for a in names], fontsize=8)
+    ax.set_xlabel("severity")
+    fig.colorbar(image, ax=ax, label=label, fraction=0.05)
+    _save(fig, path)
+    return {
+        "id": path.stem,
+        "title": f"{label} under each corruption and severity",
+        "caption": f"{label} of the undefended model under each corruption (rows, most harmful first) at each "
+        "severity (columns); a random corruption's cell is its worst of the spec's draws per case. Data: the "
+        f"{metric} rows of results.json with a corruption entry.",
+        "path": f"figures/{path.name}",
+        "section": "shift",
+    }
 
 
 def strongest_job(run_dir: Path, jobs: list, eps: float):

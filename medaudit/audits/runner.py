@@ -148,6 +148,18 @@ def check_dims(spec: Spec, host: Host, data: LoadedData) -> None:
         raise SpecError(problems, source="plan")
 
 
+def check_criterion_classes(spec: Spec, class_names: list[str] | None) -> None:
+    """Refuse a criterion whose ``class`` the data does not have, before anything runs."""
+    problems = [
+        f"acceptance.criteria[{i}].class: the data has no class {c.class_name!r} (its classes: "
+        f"{', '.join(class_names or []) or 'unnamed'})"
+        for i, c in enumerate(spec.acceptance.criteria)
+        if c.class_name is not None and c.class_name not in (class_names or [])
+    ]
+    if problems:
+        raise SpecError(problems, source="plan")
+
+
 class Runner:
     def __init__(self, spec: Spec, host: Host, *, show_progress: bool = True, command: str = ""):
         self.spec = spec
@@ -193,6 +205,7 @@ class Runner:
         self.data_summary = summarise(data, spec.task, model.num_classes, spec.runtime.batch_size)
         check_data_fits(data, model, spec.task, self.data_summary)
         check_dims(spec, self.host, data)
+        check_criterion_classes(spec, self.protocol.class_names(data))
         check_model_access(spec, self.host, model)
         check_model_runs(model, data, spec.task, self.device)
         self.probe = probe_model(model, data, spec.task, self.device, spec.runtime.batch_size, self.model_name, spec.model.randomized)
@@ -496,6 +509,7 @@ class Runner:
                 for m in spec.metrics
             ],
             "clean": computed["clean"],
+            **({"clean_class_rates": computed["clean_class_rates"]} if computed["clean_class_rates"] else {}),
             "rows": computed["rows"],
             "curves": computed["curves"],
             "subgroups": computed["subgroups"],

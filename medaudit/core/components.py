@@ -59,6 +59,7 @@ class Facet(str, enum.Enum):
     EXTRAS = "extras"  #: ``extras``: an attack's per-sample values (PSNR, queries...)
     CASE_SCORES = "case_scores"  #: clean_<metric>, adv_<metric> of metrics that score cases
     COVARIATES = "covariates"  #: ``covariates``: the data set's per-case metadata (site, scanner...)
+    PERCEPTIBILITY = "perceptibility"  #: psnr, ssim of each attacked case against its clean image (None elsewhere)
 
 
 class AttackFamily(str, enum.Enum):
@@ -477,9 +478,14 @@ class Budget:
     #: The largest ``measure`` a level allows, when it is not the level itself (e.g. a noise
     #: standard deviation of 0.02 per severity step).
     scale: float = 1.0
+    #: The measure of each of :attr:`levels`, when a table defines it (a corruption's
+    #: severities calibrated against SSIM): then only those levels exist.
+    table: tuple[float, ...] | None = None
 
     def limit(self, level: float) -> float:
-        return self.scale * level
+        if self.table is None:
+            return self.scale * level
+        return 0.0 if level == 0 else self.table[self.levels.index(level)]  # level 0: unchanged
 
 
 class Attack(Component):
@@ -678,6 +684,9 @@ class Metric(Component):
     #: Facets (:class:`Facet`) the records must declare for :meth:`compute` to run on them;
     #: a group without one gets no value.
     needs: ClassVar[frozenset[Facet]] = frozenset()
+    #: True when the metric is a rate of one class against the rest: ``compute_class(records,
+    #: c)`` gives it per class, and a criterion may name the class (``class:``).
+    per_class: ClassVar[bool] = False
     #: True when the metric scores each case in the job's batch loop (:meth:`score_cases`),
     #: e.g. from the predicted and true masks, which records do not keep.
     scores_cases: ClassVar[bool] = False

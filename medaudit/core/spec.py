@@ -186,6 +186,8 @@ class ThreatModel(_Section):
 
 
 class Criterion(_Section):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     id: str = Field(description="Identifier shown in the report and junit.xml, e.g. AC-01.")
     description: str = ""
     metric: str = Field(description="Name of a registered metric.")
@@ -204,6 +206,9 @@ class Criterion(_Section):
         "protects the patient (lower bound for >=, upper bound for <=).",
     )
     min_n: int = Field(1, ge=1, description="Fewer evaluated cases than this gives INCONCLUSIVE.")
+    class_name: str | None = Field(
+        None, alias="class", description="For a per-class rate (sensitivity, specificity, false_negative_rate and "
+        "their clean_ forms): the class it is judged on, by name; without it, the class where the rate is worst.")
     severity: Literal["blocking", "advisory"] = "blocking"
     risk_ref: str | None = Field(None, description="Reference into the manufacturer's risk file.")
 
@@ -223,6 +228,9 @@ class Acceptance(_Section):
 
 class ReportOptions(_Section):
     title: str | None = None
+    subgroup_min_n: int = Field(
+        5, ge=1, description="The subgroup tables show no metric for a subgroup of fewer cases (its n only): "
+        "an estimate on a handful of cases says little and may point at individuals. results.json keeps every value.")
     formats: list[Literal["html", "json", "junit", "pdf"]] = Field(
         default_factory=lambda: ["html", "json", "junit"],
         description="Outputs besides results.json: report.html, junit.xml (criteria as test cases for CI), "
@@ -453,6 +461,15 @@ def _check_components(source: Source, data: dict, host: Host, base_dir: Path, pr
                 f"{source.where(loc + ('levels',))}: {format_loc(loc + ('levels',))}: attack {name!r} is bounded by "
                 "threat_model's norm and runs at its epsilons; 'levels' is for attacks sized by their own budget"
             )
+        levels = ref.get("levels")
+        if kind == "attack" and cls.budget is not None and cls.budget.table is not None and isinstance(levels, list):
+            allowed = cls.budget.levels
+            if unknown := [v for v in levels if not isinstance(v, (int, float)) or float(v) not in allowed]:
+                problems.append(
+                    f"{source.where(loc + ('levels',))}: {format_loc(loc + ('levels',))}: attack {name!r} has "
+                    f"{cls.budget.name} levels {', '.join(f'{v:g}' for v in allowed)} only (not "
+                    f"{', '.join(str(v) for v in unknown)})"
+                )
         if kind == "attack" and cls.budget is None and norm in {n.value for n in Norm} and Norm(norm) not in cls.norms:
             problems.append(
                 f"{source.where(loc + (name_key,))}: {format_loc(loc + (name_key,))}: attack {name!r} does not "
@@ -496,6 +513,10 @@ def _check_references(source: Source, spec: Spec, host: Host, problems: list[str
             problems.append(f"{source.where(loc + ('defense',))}: {format_loc(loc + ('defense',))}: {unknown_name_message('defense', crit.defense, defense_labels)}")
         if metric_cls is not None and (why := _undecidable(crit, metric_cls)):
             problems.append(f"{source.where(loc + ('threshold',))}: {format_loc(loc + ('threshold',))}: {why}")
+        if crit.class_name is not None and metric_cls is not None and not metric_cls.per_class:
+            problems.append(f"{source.where(loc + ('class',))}: {format_loc(loc + ('class',))}: metric {crit.metric!r} is "
+                            "not a per-class rate; 'class' is for sensitivity, specificity and false_negative_rate "
+                            "(and their clean_ forms)")
         needs_eps = metric_cls is not None and not metric_cls.clean
         if needs_eps and crit.epsilon is None:
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {crit.metric!r} needs an 'epsilon'")

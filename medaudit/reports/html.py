@@ -89,11 +89,9 @@ def render_report(results: dict, host: Host, run_dir: Path | None = None, result
         env.globals["results_sha256"] = hashlib.sha256(results_file.read_bytes()).hexdigest()
     else:
         env.globals["results_sha256"] = None
-    env.globals["figures"] = [
-        {**f, "uri": data_uri(run_dir, f["path"])}
-        for f in results.get("figures", [])
-        if run_dir is not None and (Path(run_dir) / f["path"]).is_file()
-    ]
+    shown = [f for f in results.get("figures", []) if run_dir is not None and (Path(run_dir) / f["path"]).is_file()]
+    shown.sort(key=lambda f: f.get("section") == "shift")  # numbered in the order the sections show them
+    env.globals["figures"] = [{**f, "uri": data_uri(run_dir, f["path"]), "number": i} for i, f in enumerate(shown, 1)]
     sections = []
     for cls in section_classes:
         html = cls().render(results, env)

@@ -61,15 +61,18 @@ def test_spec_refuses_levels_that_cannot_run(attacks, acceptance, message, write
     assert message in str(err.value)
 
 
+LIMIT_AT_2 = RicianNoise.budget.limit(2.0)  # the calibrated noise std of severity 2
+
+
 def _records(measure, attacked=True, in_range=True):
-    extras = {} if measure is None else {"noise_std": measure}
+    extras = {} if measure is None else {"corruption_strength": measure}
     return Records([{"attacked": attacked, "in_range": in_range, "linf": 0.3, "extras": extras}],
                    {Facet.PERTURBATION, Facet.EXTRAS})
 
 
 @pytest.mark.parametrize("measure,attacked,status", [
-    (0.04, True, "PASS"),      # severity 2: sigma 0.04, the limit itself
-    (0.05, True, "FAIL"),      # more noise than severity 2 allows
+    (LIMIT_AT_2, True, "PASS"),  # severity 2's calibrated sigma, the limit itself
+    (LIMIT_AT_2 * 1.2, True, "FAIL"),  # more noise than severity 2 allows
     (None, True, "FAIL"),      # a changed case whose size was not recorded
     (None, False, "PASS"),     # a case not attacked has nothing to measure
 ])
@@ -80,7 +83,7 @@ def test_budget_check_reads_the_attacks_own_measure_not_the_norm(measure, attack
     [job] = [j for j in plan_jobs(spec, host) if j.defense == "none" and j.budget and j.epsilon == 2]
     check = budget_check(spec, host, [job], {job.id: _records(measure, attacked)})
     assert check["status"] == status, check["evidence"]
-    assert "rician-noise: largest excess of its noise_std over its severity's limit" in check["evidence"]
+    assert "rician-noise: largest excess of its corruption_strength over its severity's limit" in check["evidence"]
 
 
 class LoudNoise(RicianNoise):
@@ -89,8 +92,8 @@ class LoudNoise(RicianNoise):
     name = "loud-noise"
 
     def perturb(self, model, x, y, *, eps, norm, generator):
-        out = super().perturb(model, x, y, eps=eps * 3, norm=norm, generator=generator)
-        return AttackOutcome(out.adversarial, {"noise_std": [self.budget.limit(eps * 3)] * len(x)})
+        sigma = 3 * self.budget.limit(eps)
+        return AttackOutcome(self.op.fn(x, sigma, generator), {"corruption_strength": [sigma] * len(x)})
 
 
 class LoudPlugin:

@@ -87,8 +87,8 @@ def test_a_covariate_with_too_many_values_is_not_split():
 
 def test_the_subgroup_section_shows_a_table_per_covariate_with_safe_values(tmp_path):
     results = {"metrics": [{"name": "clean_accuracy", "clean": True}, {"name": "robust_accuracy", "clean": False}],
-               "subgroups": computed(tmp_path)["subgroups"], "spec": {"acceptance": {"confidence": 0.95}},
-               "defenses": []}
+               "subgroups": computed(tmp_path)["subgroups"],
+               "spec": {"acceptance": {"confidence": 0.95}, "report": {"subgroup_min_n": 1}}, "defenses": []}
     for s in results["subgroups"]:
         if s["value"] == "B":
             s["value"] = "B\x1b]0;owned\x07<b>"
@@ -97,3 +97,14 @@ def test_the_subgroup_section_shows_a_table_per_covariate_with_safe_values(tmp_p
     assert "B\\x1b]0;owned\\x07&lt;b&gt;" in html and "\x1b" not in html and "<b>" not in html
     assert "worst case, eps 4/255" in html and "50.0% [" in html  # site A's worst case
     assert Subgroups().render({**results, "subgroups": []}, make_environment()).strip() == ""
+
+
+def test_the_subgroup_section_suppresses_the_metrics_of_small_subgroups(tmp_path):
+    results = {"metrics": [{"name": "clean_accuracy", "clean": True}, {"name": "robust_accuracy", "clean": False}],
+               "subgroups": computed(tmp_path)["subgroups"],
+               "spec": {"acceptance": {"confidence": 0.95}, "report": {"subgroup_min_n": 3}}, "defenses": []}
+    html = Subgroups().render(results, make_environment())
+    site_b = html[html.index("<td>B</td>"):].split("</tr>")[0]  # 2 cases: n shown, no estimate
+    assert "suppressed: n &lt; 3" in site_b and "%" not in site_b and '<td class="num">2</td>' in site_b
+    site_a = html[html.index("<td>A</td>"):].split("</tr>")[0]  # 4 cases: shown
+    assert "suppressed" not in site_a and "50.0% [" in site_a

@@ -20,12 +20,12 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, Attack, AttackFamily, Norm, Params
 from medaudit.core.perturbation import project
+from medaudit.core.quality import psnr, ssim
 
 log = logging.getLogger(__name__)
 
@@ -190,41 +190,6 @@ def extract(
     rows, cols = zigzag_indices(h, w, u.shape[-1])
     q = moments(x.to(torch.float64), kr, kc)[..., rows.to(x.device), cols.to(x.device)]
     return qim_extract(q, u.to(torch.float64), delta)
-
-
-# -- image quality ---------------------------------------------------------------------------
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-sample PSNR in dB, ``10 log10(range^2 / MSE)`` over all channels and pixels
-    (``inf`` for identical images)."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-sample SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5),
-    K1 = 0.01, K2 = 0.03, computed per channel on the 'valid' positions (no padding) and
-    averaged over channels and positions. The window shrinks to the image for images smaller
-    than 11 pixels. ``N x C x H x W`` inputs."""
-    a, b = a.double(), b.double()
-    c = a.shape[1]
-    size = min(11, *a.shape[-2:])
-    t = torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2
-    g = torch.exp(-(t**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    win = (g[:, None] * g[None, :]).expand(c, 1, size, size).contiguous()
-
-    def blur(t):
-        return F.conv2d(t, win, groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
 
 
 # -- the attack ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Classification metrics: clean_accuracy, robust_accuracy, attack_success_rate, perturbation_linf_mean, perturbation_linf_max, perturbation_l2_mean, perturbation_l2_max, min_norm_median.
+"""Classification metrics: clean_accuracy, robust_accuracy, attack_success_rate, sensitivity, specificity, false_negative_rate, clean_sensitivity, clean_specificity, clean_false_negative_rate, perturbation_linf_mean, perturbation_linf_max, perturbation_l2_mean, perturbation_l2_max, min_norm_median.
 
 Accuracies and perturbation sizes (the latter for both tasks), computed from per-sample
 records.
@@ -8,10 +8,12 @@ Proportions carry their counts so that the results can give Wilson confidence in
 
 from __future__ import annotations
 
+import abc
 import math
 
 from medaudit import hookimpl
 from medaudit.core.components import Facet, Metric, MetricValue, Task
+from medaudit.core.rates import found, spared
 
 UNIT = (0.0, 1.0)
 CLASSIFICATION = frozenset({Facet.CLASSIFICATION})
@@ -59,6 +61,81 @@ class AttackSuccessRate(Metric):
 
     def compute(self, records):
         return _proportion([not r["adv_correct"] for r in records if r["clean_correct"]])
+
+
+class _ClassRate(Metric):
+    """A rate of one class against the rest (sensitivity, specificity, false-negative rate).
+    :meth:`compute_class` gives it for one class; :meth:`compute` for the class where it is
+    worst, the clinically worst direction of error (a criterion names a class with
+    ``class:``)."""
+
+    per_class = True
+    needs = CLASSIFICATION
+    bounds = UNIT
+    side = "adv"
+
+    @abc.abstractmethod
+    def compute_class(self, records, c: int) -> MetricValue | None:
+        """The rate of class index ``c`` against the rest; None when no case decides it."""
+
+    def compute(self, records):
+        values = [v for c in sorted({r["label"] for r in records}) if (v := self.compute_class(records, c)) is not None]
+        if not values:
+            return None
+        return (min if self.better == "higher" else max)(values, key=lambda v: v.value)
+
+
+class Sensitivity(_ClassRate):
+    """Sensitivity (recall) of a class under attack: the share of its cases classified as it
+    (a case misclassified when clean counts as missed). Without a class: the lowest over classes."""
+
+    name = "sensitivity"
+
+    def compute_class(self, records, c):
+        return _proportion(found(records, c, self.side))
+
+
+class Specificity(_ClassRate):
+    """Specificity of a class under attack: the share of the other classes' cases not
+    classified as it. Without a class: the lowest over classes."""
+
+    name = "specificity"
+
+    def compute_class(self, records, c):
+        return _proportion(spared(records, c, self.side))
+
+
+class FalseNegativeRate(Sensitivity):
+    """False-negative rate of a class under attack (1 - sensitivity): the share of its cases
+    missed, the missed findings. Without a class: the highest over classes."""
+
+    name = "false_negative_rate"
+    better = "lower"
+
+    def compute_class(self, records, c):
+        hits = super().compute_class(records, c)
+        return None if hits is None else MetricValue(value=1 - hits.value, n=hits.n, successes=hits.n - hits.successes)
+
+
+class CleanSensitivity(Sensitivity):
+    """Sensitivity of a class on unperturbed inputs (the lowest over classes without a class)."""
+
+    name, clean, side = "clean_sensitivity", True, "clean"
+
+
+class CleanSpecificity(Specificity):
+    """Specificity of a class on unperturbed inputs (the lowest over classes without a class)."""
+
+    name, clean, side = "clean_specificity", True, "clean"
+
+
+class CleanFalseNegativeRate(FalseNegativeRate):
+    """False-negative rate of a class on unperturbed inputs (the highest over classes without a class)."""
+
+    name, clean, side = "clean_false_negative_rate", True, "clean"
+
+
+CLASS_RATES = (Sensitivity, Specificity, FalseNegativeRate, CleanSensitivity, CleanSpecificity, CleanFalseNegativeRate)
 
 
 class _NormStat(Metric):
@@ -124,5 +201,6 @@ class MinNormMedian(Metric):
 
 @hookimpl
 def register_metrics(register):
-    for cls in (CleanAccuracy, RobustAccuracy, AttackSuccessRate, LinfMean, LinfMax, L2Mean, L2Max, MinNormMedian):
+    for cls in (CleanAccuracy, RobustAccuracy, AttackSuccessRate, *CLASS_RATES, LinfMean, LinfMax, L2Mean, L2Max,
+                MinNormMedian):
         register(cls)

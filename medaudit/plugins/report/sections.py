@@ -1,4 +1,4 @@
-"""Report sections: cover, summary, scope, system, data, methods, results, subgroups, defenses, validity, limitations, reproducibility, standards.
+"""Report sections: cover, summary, scope, system, data, methods, results, subgroups, shift, defenses, validity, limitations, reproducibility, standards.
 
 The built-in sections, registered through the same hook a vendor plugin uses; their
 templates are in ``medaudit/reports/templates/sections``.
@@ -18,6 +18,7 @@ from typing import Any
 from medaudit import hookimpl
 from medaudit.core.components import ReportSection
 from medaudit.core.jobs import NAIVE
+from medaudit.core.spec import ReportOptions
 
 #: The MITRE ATLAS release the identifiers below were taken from (names change between releases).
 ATLAS_VERSION = "5.6.0"
@@ -29,14 +30,25 @@ KNOWLEDGE = {
     "decisions": ("black box, decision-based", "predicted labels from queries", "AML.T0043.001 Black-Box Optimization"),
 }
 
+#: Subgroups smaller than this show no metric in the report (``report.subgroup_min_n``).
+DEFAULT_SUBGROUP_MIN_N = ReportOptions.model_fields["subgroup_min_n"].default
+#: Assessed once a corruption runs (the shift section).
+NATURAL_SHIFT = "Natural and acquisition shift (noise, artefacts, blur, contrast, dose, resolution)"
 #: Threats a run-time evasion audit does not assess, with their ATLAS identifiers.
 NOT_ASSESSED = [
     ("Poisoning of the training data or the model", "AML.T0020, AML.T0018.000"),
     ("Membership inference, model inversion and model extraction through the inference API", "AML.T0024.000-.002"),
     ("Tampered or unsafe model files (checked only by the model fingerprint on the cover)", "AML.T0011.000, AML.T0010.003"),
-    ("Physical-world attacks (printed or acquired perturbations) and natural distribution shift", "-"),
+    ("Physical-world attacks (printed or acquired perturbations)", "-"),
+    (NATURAL_SHIFT, "-"),
     ("The clinician and AI acting together (the audit scores the model's output alone)", "-"),
 ]
+
+
+def not_assessed(results: dict) -> list[tuple[str, str]]:
+    """The threats this run did not assess: natural shift counts as assessed once a corruption ran."""
+    shifted = any(r.get("corruption") for r in results["rows"])
+    return [(threat, atlas) for threat, atlas in NOT_ASSESSED if not (shifted and threat == NATURAL_SHIFT)]
 
 
 def headline_metric(results: dict) -> str | None:
@@ -47,6 +59,24 @@ def headline_metric(results: dict) -> str | None:
 
 def worst_case_rows(results: dict, defense: str = "none") -> list[dict]:
     return [r for r in results["rows"] if r["attack"] == "worst_case" and r["defense"] == defense]
+
+
+def worst_direction(results: dict, row: dict | None) -> dict | None:
+    """The class whose sensitivity an attack lowers most (the missed findings), clean against
+    the worst case at the largest budget, for the executive summary (classification only)."""
+    clean = (results.get("clean_class_rates") or {}).get("none")
+    if not clean or row is None or not row.get("class_rates"):
+        return None
+    pairs = [(c, a) for c, a in zip(clean["rates"], row["class_rates"]["rates"])
+             if (c.get("sensitivity") or {}).get("value") is not None and (a.get("sensitivity") or {}).get("value") is not None]
+    if not pairs:
+        return None
+    c, a = min(pairs, key=lambda p: (p[1]["sensitivity"]["value"], -p[0]["sensitivity"]["value"]))
+    missed = a["sensitivity"]["n"] - a["sensitivity"]["successes"]
+    return {"class": c["class"], "text": (
+        f"sensitivity for {c['class']!r} falls from {c['sensitivity']['value']:.1%} clean to "
+        f"{a['sensitivity']['value']:.1%} [{a['sensitivity']['ci_low']:.1%}, {a['sensitivity']['ci_high']:.1%}] under "
+        f"the worst case at eps {row['epsilon_label']}: {missed} of its {a['sensitivity']['n']} cases missed")}
 
 
 class Cover(ReportSection):
@@ -70,7 +100,8 @@ class Summary(ReportSection):
         metric = headline_metric(results)
         worst = worst_case_rows(results)
         largest = max(worst, key=lambda r: r["epsilon"]) if worst and metric else None
-        return {"validity_counts": counts, "headline": metric, "largest": largest}
+        return {"validity_counts": counts, "headline": metric, "largest": largest,
+                "worst_direction": worst_direction(results, largest)}
 
 
 class Scope(ReportSection):
@@ -84,7 +115,7 @@ class Scope(ReportSection):
             knowledge, access, atlas = KNOWLEDGE.get(at.get("needs"), ("unknown", "unknown", "-"))
             goal = "targeted" if at.get("targeted") else "untargeted (any error)"
             attackers.append({"label": at["label"], "goal": goal, "knowledge": knowledge, "access": access, "atlas": atlas})
-        return {"attackers": attackers, "atlas_version": ATLAS_VERSION, "not_assessed": NOT_ASSESSED}
+        return {"attackers": attackers, "atlas_version": ATLAS_VERSION, "not_assessed": not_assessed(results)}
 
 
 class SystemUnderTest(ReportSection):
@@ -133,16 +164,47 @@ class Subgroups(ReportSection):
                 row["clean"] = s["metrics"].get(clean_metric)
             elif s["attack"] == "worst_case":
                 row["worst"][s["epsilon"]] = s["metrics"].get(metric)
+        min_n = (results["spec"].get("report") or {}).get("subgroup_min_n", DEFAULT_SUBGROUP_MIN_N)
         for table in tables.values():
-            table["rows"] = list(table["rows"].values())
+            table["rows"] = [{**row, "suppressed": row["n"] < min_n} for row in table["rows"].values()]
         return {"headline": metric, "clean_metric": clean_metric, "tables": list(tables.values()),
-                "epsilons": [(e, labels[e]) for e in epsilons]}
+                "epsilons": [(e, labels[e]) for e in epsilons], "min_n": min_n}
 
 
 def clean_headline_metric(results: dict) -> str | None:
     """The clean metric quoted next to the headline (clean accuracy or clean Dice)."""
     names = [m["name"] for m in results["metrics"] if m["clean"]]
     return next((n for n in ("clean_accuracy", "clean_dice") if n in names), names[0] if names else None)
+
+
+class Shift(ReportSection):
+    """Natural perturbation and acquisition shift (the guide's section 9): the headline
+    metric under each corruption and severity, worst of the draws beside their mean, the
+    drop from clean, the SSIM and PSNR the images got and the class most often missed; the
+    heat map and the severity curves. Shown only when a corruption ran."""
+
+    name, title, order, template = "shift", "Natural perturbation and acquisition shift", 74, "sections/shift.html.j2"
+
+    def context(self, results: dict) -> dict[str, Any]:
+        metric, clean_metric = headline_metric(results), clean_headline_metric(results)
+        draws = {a["label"]: (a.get("params") or {}).get("draws", 1) for a in results["attacks"]}
+        tables: dict[str, list] = {}
+        for r in results["rows"]:
+            if not r.get("corruption"):
+                continue
+            value = r["metrics"].get(metric) or {}
+            clean = (results["clean"].get(r["defense"]) or {}).get(clean_metric) or {}
+            drop = None
+            if value.get("value") is not None and clean.get("value"):
+                drop = (clean["value"] - value["value"]) / clean["value"]
+            rates = (r.get("class_rates") or {}).get("rates") or []
+            missed = min((c for c in rates if (c.get("sensitivity") or {}).get("value") is not None),
+                         key=lambda c: c["sensitivity"]["value"], default=None)
+            tables.setdefault(r["defense"], []).append({
+                "attack": r["attack"], "level": r["epsilon"], "effect": r["corruption"], "value": value or None,
+                "seen": r.get("perceptibility") or {},
+                "drop": drop, "draws": draws.get(r.get("spec_attack", r["attack"]), 1), "missed": missed})
+        return {"headline": metric, "tables": tables}
 
 
 class Defenses(ReportSection):
@@ -237,7 +299,7 @@ class Limitations(ReportSection):
         for check in results["validity"]:
             if check["status"] in ("WARN", "FAIL"):
                 notes.append(f"Validity check '{check['title']}' gave {check['status']}: {check['evidence']}")
-        return {"notes": notes, "not_assessed": NOT_ASSESSED, "atlas_version": ATLAS_VERSION}
+        return {"notes": notes, "not_assessed": not_assessed(results), "atlas_version": ATLAS_VERSION}
 
 
 class Reproducibility(ReportSection):
@@ -275,6 +337,8 @@ CROSS_REFERENCE = [
     ("subgroups", "GMLP principle 3 (data representative of the intended population); FDA draft guidance on "
                   "AI-enabled device software functions (2025), performance across subgroups; EU AI Act Art. 10(2)(f) "
                   "examination for possible biases"),
+    ("shift", "GMLP principle 8 (clinically relevant conditions); EU AI Act Art. 15(4) errors, faults and "
+              "inconsistencies; ISO/IEC TR 24029-1 Annex A (data perturbation); Carlini et al. 2019 item 16"),
     ("defenses", "Carlini et al. 2019 items 2, 12, 13 and 20; ATLAS AML.M0003, AML.M0010, AML.M0015"),
     ("validity", "Carlini et al. 2019 evaluation checklist; AutoAttack flags; RobustBench model restrictions"),
     ("limitations", "Model Cards caveats; GMLP principle 9; ISO 14971 and AAMI TIR34971 (findings feed the "
@@ -290,11 +354,13 @@ class Standards(ReportSection):
     name, title, order, template = "standards", "Cross-reference to standards and guidance", 120, "sections/standards.html.j2"
 
     def context(self, results: dict) -> dict[str, Any]:
-        shown = [(id, refs) for id, refs in CROSS_REFERENCE if id != "subgroups" or results.get("subgroups")]
+        shifted = any(r.get("corruption") for r in results["rows"])
+        shown = [(id, refs) for id, refs in CROSS_REFERENCE
+                 if (id != "subgroups" or results.get("subgroups")) and (id != "shift" or shifted)]
         return {"cross_reference": shown, "titles": {cls.name: cls.title for cls in BUILT_IN}}
 
 
-BUILT_IN = (Cover, Summary, Scope, SystemUnderTest, EvaluationData, Methods, Results, Subgroups, Defenses, Validity,
+BUILT_IN = (Cover, Summary, Scope, SystemUnderTest, EvaluationData, Methods, Results, Subgroups, Shift, Defenses, Validity,
             Limitations, Reproducibility, Standards)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from medaudit.core.components import AttackContext, AttackOutcome, Norm
 from medaudit.core.host import get_host
+from medaudit.plugins.attacks.corruptions import CORRUPTIONS
 
 #: Params that make each attack quick; every registered attack must be listed.
 CHEAP = {
@@ -34,8 +35,9 @@ CHEAP = {
     "dag": {"steps": 3},
     "dag-medical": {"steps": 3},
     "msa": {"steps": 3},
-    "rician-noise": {},
 }
+#: The corruptions: one draw each (their own tests cover worst of k draws).
+CHEAP.update({name: {} for name in CORRUPTIONS})
 #: Segmentation-only attacks: the harness below runs the classification demo model, so
 #: they are left out of it and checked against a U-Net in their own tests
 #: (autoattack-seg: tests/plugins/attacks/test_autoattack_seg.py; asma, dag, dag-medical, msa:
@@ -94,6 +96,9 @@ def test_own_budget_measure_range_identity_and_determinism(name, demo_model, dem
     the identity at level 0 and is deterministic under a seed."""
     cls = HOST.get("attack", name)
     model, x, y = demo_model.module, demo_data.images[:8], demo_data.labels[:8]
+    if getattr(getattr(cls, "op", None), "modality", None) == "rgb":  # dermoscopy/pathology: RGB in, grey model
+        x = x.expand(-1, 3, -1, -1).contiguous()
+        model = lambda t, grey=model: grey(t.mean(1, keepdim=True))  # noqa: E731
 
     def run(level, seed=0):
         outcome = AttackOutcome.of(make(name, demo_data).perturb(

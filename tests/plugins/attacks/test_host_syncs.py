@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from medaudit.core.components import AttackContext, Norm, Task
 from medaudit.core.host import get_host
+from medaudit.plugins.attacks.corruptions import CORRUPTIONS
 from medaudit.plugins.attacks.segmentation import SYNC_EVERY
 
 Tensor = torch.Tensor
@@ -190,6 +191,7 @@ EXEMPT = {
     "onepixel": "selects the samples not fooled yet once per generation (documented early stop)",
     "watermark": "one documented host sync per grid point, to exit once every sample is fooled",
     "art": "wraps the Adversarial Robustness Toolbox, which works on numpy arrays on the host",
+    "jpeg": "a JPEG round trip through torchvision's codec, which encodes on the CPU",
 }
 
 
@@ -244,8 +246,10 @@ CASES = {
 SINGLE_SHOT = {
     "fgsm": ("classification", {}),
     "fgsm-seg": ("segmentation", {"loss": "dice"}),
-    "rician-noise": ("classification", {}),
 }
+#: The corruptions (one draw, and five for a random one: the draws loop must not sync either).
+SINGLE_SHOT.update({name: ("classification", {"draws": 5 if cls.op.random else 1})
+                    for name, cls in CORRUPTIONS.items() if name not in EXEMPT})
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +301,10 @@ def test_single_shot_attacks_do_not_sync(case_id, problems):
     task, params = SINGLE_SHOT[case_id]
     model, x, y, data, k = problems[task]
     attack = make_attack(case_id.removesuffix("-seg"), params, task, data, k)
-    eps = 4 / 255 if case_id != "rician-noise" else 1.0
+    eps = 4 / 255 if case_id not in CORRUPTIONS else 3.0
+    if case_id in CORRUPTIONS and CORRUPTIONS[case_id].op.modality == "rgb":  # RGB in, the grey model behind
+        x = x.expand(-1, 3, *x.shape[2:]).contiguous()
+        model = lambda t, grey=model: grey(t.mean(1, keepdim=True))  # noqa: E731
     with HostSyncs() as syncs:
         attack.perturb(model, x, y, eps=eps, norm=Norm.LINF, generator=torch.Generator().manual_seed(0))
     assert len(syncs) == 0, syncs.report()
