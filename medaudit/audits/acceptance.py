@@ -53,6 +53,16 @@ def class_value(rates: dict | None, class_name: str, metric: str) -> dict | None
     return rates["rates"][rates["classes"].index(class_name)].get(metric.removeprefix("clean_"))
 
 
+def subgroup_value(subgroups: list[dict], c: Criterion) -> dict | None:
+    """A criterion's metric on its subgroup: clean, or under the worst case at its epsilon."""
+    clean = c.epsilon is None
+    for s in subgroups:
+        if (s["covariate"] == c.subgroup.covariate and s["value"] == c.subgroup.value and s["defense"] == c.defense
+                and s["attack"] == ("clean" if clean else c.attack) and (clean or abs(s["epsilon"] - c.epsilon) < 1e-12)):
+            return s["metrics"].get(c.metric)
+    return None
+
+
 def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[dict]) -> dict[str, Any]:
     """Judge each criterion and the audit. A criterion whose scope held a case with a NaN or
     Inf output is INCONCLUSIVE: that case has no prediction to score."""
@@ -71,6 +81,8 @@ def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[di
             scope = (row["defense"], row["attack"], row["epsilon"])
         if c.class_name is not None:  # a per-class rate, for the class the criterion names
             value = class_value(rates, c.class_name, c.metric)
+        if c.subgroup is not None:  # the metric on the subgroup's cases only
+            value = subgroup_value(computed.get("subgroups", []), c)
         budget, _ = attack_levels(spec, host, c.attack)
         judged.append(judge(c, value, spec.threat_model.norm, budget.name if budget else ""))
         if nonfinite := computed.get("nonfinite", {}).get(scope):

@@ -250,6 +250,37 @@ def corruption_effect(records: Sequence[dict], confidence: float,
     }
 
 
+def corruption_errors(rows: list[dict], clean: dict, baseline: dict, name: str, metric: str,
+                      clean_metric: str) -> dict | None:
+    """Each corruption's error normalised to a reference run's (Hendrycks & Dietterich 2019):
+    CE = sum over severities of the error (1 - ``metric``) over the same sum of the
+    reference, relative CE the same on the drop from each model's clean error, and their
+    means over the corruptions (mCE). Severities both runs have count; undefended model."""
+    def errors(found: list[dict]) -> dict[tuple[str, float], float]:
+        return {(r["attack"], r["epsilon"]): 1 - r["metrics"][metric]["value"] for r in found
+                if r.get("corruption") and r["defense"] == NO_DEFENSE and (r["metrics"].get(metric) or {}).get("value") is not None}
+
+    ours, theirs = errors(rows), errors(baseline.get("rows", []))
+    clean_ours = 1 - ((clean.get(NO_DEFENSE) or {}).get(clean_metric) or {}).get("value", 1.0)
+    clean_theirs = 1 - ((baseline.get("clean", {}).get(NO_DEFENSE) or {}).get(clean_metric) or {}).get("value", 1.0)
+    out = []
+    for attack in dict.fromkeys(a for a, _ in ours):
+        shared = [key for key in ours if key[0] == attack and key in theirs]
+        if not shared:
+            continue
+        reference = sum(theirs[k] for k in shared)
+        drop = sum(theirs[k] - clean_theirs for k in shared)
+        out.append({"attack": attack, "levels": [e for _, e in shared],
+                    "ce": sum(ours[k] for k in shared) / reference if reference > 0 else None,
+                    "relative_ce": sum(ours[k] - clean_ours for k in shared) / drop if drop > 0 else None})
+    if not out:
+        return None
+    ces, relatives = [c["ce"] for c in out if c["ce"] is not None], [c["relative_ce"] for c in out if c["relative_ce"] is not None]
+    return {"baseline": name, "metric": metric, "corruptions": out,
+            "mce": fmean(ces) if ces else None, "relative_mce": fmean(relatives) if relatives else None,
+            "same_data": baseline.get("fingerprints", {}).get("data_sha256")}
+
+
 def class_rates(records: Sequence[dict], class_names: list[str], side: str, confidence: float,
                 intervals: tuple[str, str] = (WILSON, BOOTSTRAP)) -> dict | None:
     """The direction of errors (classification records): the confusion matrix (rows: true

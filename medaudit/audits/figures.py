@@ -322,6 +322,61 @@ def examples_figure(run_dir: Path, jobs: list, eps: float, class_names: list[str
     }
 
 
+#: Cases the smallest-perturbation figure shows.
+SMALLEST_CASES = 4
+
+
+def smallest_flip_figure(run_dir: Path, jobs: list, eps: float, class_names: list[str], path: Path) -> dict[str, Any] | None:
+    """A minimum-norm attack's smallest flipping perturbation for a few saved cases: one
+    column per case, the original, the adversarial image and the amplified perturbation,
+    with its size in the threat norm and its PSNR. None without a minimum-norm attack that
+    flipped a saved case."""
+    from medaudit.core.components import Facet
+
+    for job in _attack_jobs(jobs, eps):
+        records = read_records(run_dir, job.id)
+        ex = load_examples(run_dir, job.id)
+        if Facet.MINIMUM_NORM not in records.facets or ex is None or "clean_prediction" not in ex:
+            continue
+        flipped = [i for i in range(len(ex["truth"]))
+                   if ex["clean_prediction"][i] == ex["truth"][i] != ex["prediction"][i] and records[i]["min_norm"] is not None]
+        if flipped:
+            break
+    else:
+        return None
+    cases, norm = flipped[:SMALLEST_CASES], job.config.get("norm", "linf")
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, len(cases), figsize=(2.3 * len(cases) + 0.4, 7.0), squeeze=False, layout="constrained")
+    for col, i in enumerate(cases):
+        x, x_adv = ex["image"][i].float(), ex["adversarial"][i].float()
+        shown, factor = amplified((x_adv - x) if x.shape[0] == 3 else (x_adv - x)[:1])
+        size = records[i]["min_norm"]
+        size_text = f"{size * 255:.2g}/255" if norm == "linf" else f"{size:.3g}"
+        decibels = records[i].get("psnr")
+        _imshow(axes[0][col], x)
+        _imshow(axes[1][col], x_adv)
+        _imshow(axes[2][col], shown)
+        _factor_label(axes[2][col], factor)
+        truth, adv = int(ex["truth"][i]), int(ex["prediction"][i])
+        axes[0][col].set_title(f"case {i + 1} of the data set\ntruth: {_name(class_names, truth)}", fontsize=8)
+        axes[1][col].set_title(f"predicted: {_name(class_names, adv)}", fontsize=8, color="#c0392b")
+        axes[2][col].set_title(f"{norm} {size_text}" + (f", PSNR {decibels:.1f} dB" if decibels else ""), fontsize=8)
+    axes[0][0].set_ylabel("original", fontsize=9)
+    axes[1][0].set_ylabel("smallest flip found", fontsize=9)
+    axes[2][0].set_ylabel("perturbation, amplified", fontsize=9)
+    _save(fig, path)
+    return {
+        "id": path.stem,
+        "title": "The smallest perturbation that flips each case",
+        "caption": f"{short(job.attack)} (a minimum-norm attack) on the undefended model: for up to {SMALLEST_CASES} of "
+        "the first cases that it flips, the original image, the adversarial image at the smallest perturbation it found "
+        "and that perturbation amplified (mid grey: no change), with its size in the threat model's norm and the PSNR "
+        "of the adversarial image. How small a change suffices, seen case by case. Data: examples/ and records/ in "
+        "the run directory.",
+        "path": f"figures/{path.name}",
+    }
+
+
 def grad_cam_figure(run_dir: Path, job, model, class_names: list[str], path: Path) -> dict[str, Any] | None:
     """Grad-CAM of the predicted class on the clean (top row) and adversarial (bottom row)
     images of ``job``'s saved cases, overlaid on the images (the survey's Figure 2)."""
@@ -500,6 +555,8 @@ def classification_figures(
         eps, names = max(epsilons), list(class_names)
         out = run_dir / "figures"
         figures.append(_optional("examples", examples_figure, run_dir, jobs, eps, names, out / "examples.png"))
+        figures.append(_optional("smallest perturbations", smallest_flip_figure, run_dir, jobs, eps, names,
+                                 out / "smallest-perturbations.png"))
         job = strongest_job(run_dir, jobs, eps) if model is not None else None
         if job is not None:
             if last_layer(model.module, nn.Conv2d) is None:

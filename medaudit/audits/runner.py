@@ -27,6 +27,7 @@ from medaudit.audits.records import (
     EXAMPLE_CASES, FEATURE_CASES, RecordWriter, is_done, read_records, save_examples, save_features,
 )
 from medaudit.audits.execute import Session, Sink, execute, model_frame, view_modules
+from medaudit.audits.aggregation import corruption_errors
 from medaudit.audits.results import acceptance, compute_metric, compute_results, validity_checks
 from medaudit.core.components import NO_SCREEN, Access, Facet, LoadedData, LoadedModel, Task, component_info
 from medaudit.core.data import check_data_fits, class_summary, summarise
@@ -148,14 +149,22 @@ def check_dims(spec: Spec, host: Host, data: LoadedData) -> None:
         raise SpecError(problems, source="plan")
 
 
-def check_criterion_classes(spec: Spec, class_names: list[str] | None) -> None:
-    """Refuse a criterion whose ``class`` the data does not have, before anything runs."""
-    problems = [
-        f"acceptance.criteria[{i}].class: the data has no class {c.class_name!r} (its classes: "
-        f"{', '.join(class_names or []) or 'unnamed'})"
-        for i, c in enumerate(spec.acceptance.criteria)
-        if c.class_name is not None and c.class_name not in (class_names or [])
-    ]
+def check_criterion_scopes(spec: Spec, class_names: list[str] | None, covariates: list[dict] | None) -> None:
+    """Refuse a criterion whose ``class`` or ``subgroup`` the data does not have, before anything runs."""
+    problems = []
+    for i, c in enumerate(spec.acceptance.criteria):
+        if c.class_name is not None and c.class_name not in (class_names or []):
+            problems.append(f"acceptance.criteria[{i}].class: the data has no class {c.class_name!r} (its classes: "
+                            f"{', '.join(class_names or []) or 'unnamed'})")
+        if c.subgroup is not None:
+            found = {case.get(c.subgroup.covariate) for case in covariates or [] if c.subgroup.covariate in case}
+            if not found:
+                problems.append(f"acceptance.criteria[{i}].subgroup: the data gives no covariate "
+                                f"{c.subgroup.covariate!r}")
+            elif c.subgroup.value not in found:
+                shown = ", ".join(sorted(repr(v) for v in found))
+                problems.append(f"acceptance.criteria[{i}].subgroup: no case has {c.subgroup.covariate} = "
+                                f"{c.subgroup.value!r} (its values: {shown})")
     if problems:
         raise SpecError(problems, source="plan")
 
@@ -205,7 +214,7 @@ class Runner:
         self.data_summary = summarise(data, spec.task, model.num_classes, spec.runtime.batch_size)
         check_data_fits(data, model, spec.task, self.data_summary)
         check_dims(spec, self.host, data)
-        check_criterion_classes(spec, self.protocol.class_names(data))
+        check_criterion_scopes(spec, self.protocol.class_names(data), data.covariates)
         check_model_access(spec, self.host, model)
         check_model_runs(model, data, spec.task, self.device)
         self.probe = probe_model(model, data, spec.task, self.device, spec.runtime.batch_size, self.model_name, spec.model.randomized)
@@ -510,6 +519,7 @@ class Runner:
             ],
             "clean": computed["clean"],
             **({"clean_class_rates": computed["clean_class_rates"]} if computed["clean_class_rates"] else {}),
+            **({"corruption_errors": errors} if (errors := self._corruption_errors(computed)) else {}),
             "rows": computed["rows"],
             "curves": computed["curves"],
             "subgroups": computed["subgroups"],
@@ -529,6 +539,18 @@ class Runner:
             "seed": spec.runtime.seed,
             "spec": spec.model_dump(mode="json"),
         }
+
+    def _corruption_errors(self, computed: dict) -> dict | None:
+        """The corruption errors normalised to the spec's baseline run (mCE), if it names one."""
+        if self.spec.baseline is None:
+            return None
+        baseline = json.loads((self.spec.baseline.run_dir / "results.json").read_text(encoding="utf-8"))
+        clean_metric = "clean_dice" if self.spec.task is Task.SEGMENTATION else "clean_accuracy"
+        errors = corruption_errors(computed["rows"], computed["clean"], baseline, self.spec.baseline.name,
+                                   self.protocol.headline, clean_metric)
+        if errors is not None:
+            errors["same_data"] = errors["same_data"] == self.fingerprints["data_sha256"]
+        return errors
 
     def _provenance(self, kind: str, name: str) -> dict[str, Any]:
         cls = self.host.get(kind, name)

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from medaudit.core.components import Budget, Metric, Norm, Task, missing_inputs
+from medaudit.core.components import Budget, InputPath, Metric, Norm, Task, missing_inputs
 from medaudit.core.errors import SpecError
 from medaudit.core.host import Host, unknown_name_message
 from medaudit.core.yamlsource import Loc, Source, format_loc, parse_yaml, read_yaml
@@ -185,6 +185,13 @@ class ThreatModel(_Section):
         return sorted(set(value))
 
 
+class SubgroupRef(_Section):
+    """The cases of a criterion's subgroup: those whose covariate has this value."""
+
+    covariate: str = Field(description="A per-case covariate of the data set (site, scanner, sex, lesion size...).")
+    value: str | int | float | bool | None = Field(description="The covariate's value; null: the cases without it.")
+
+
 class Criterion(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -209,6 +216,8 @@ class Criterion(_Section):
     class_name: str | None = Field(
         None, alias="class", description="For a per-class rate (sensitivity, specificity, false_negative_rate and "
         "their clean_ forms): the class it is judged on, by name; without it, the class where the rate is worst.")
+    subgroup: SubgroupRef | None = Field(
+        None, description="Judge the metric on one subgroup of cases only (a clean metric, or the worst case).")
     severity: Literal["blocking", "advisory"] = "blocking"
     risk_ref: str | None = Field(None, description="Reference into the manufacturer's risk file.")
 
@@ -328,6 +337,15 @@ DEFAULT_METRICS = {
 }
 
 
+class Baseline(_Section):
+    """A reference model's finished run on the same corruptions: each corruption's error is
+    normalised to the reference's (the corruption error and its mean, mCE, of Hendrycks &
+    Dietterich 2019), so models audited on other days can be compared."""
+
+    run_dir: InputPath = Field(description="The reference's run directory (its results.json), relative to the spec.")
+    name: str = Field(description="What the reference is, for the report, e.g. 'ResNet-50, release 2.1'.")
+
+
 class Spec(_Section):
     """A whole audit."""
 
@@ -343,6 +361,8 @@ class Spec(_Section):
     acceptance: Acceptance = Field(default_factory=Acceptance)
     report: ReportOptions = Field(default_factory=ReportOptions)
     runtime: Runtime = Field(default_factory=Runtime)
+    baseline: Baseline | None = Field(
+        None, description="A reference run to normalise the corruption errors to (mCE); none: errors unnormalised.")
 
     @model_validator(mode="before")
     @classmethod
@@ -402,7 +422,7 @@ def validate_source(source: Source, host: Host, base_dir: Path) -> Spec:
 
     spec = None
     try:
-        spec = Spec.model_validate(resolved)
+        spec = Spec.model_validate(resolved, context={"base_dir": base_dir})
     except ValidationError as exc:
         for err in exc.errors():
             loc = tuple(err["loc"])
@@ -517,6 +537,12 @@ def _check_references(source: Source, spec: Spec, host: Host, problems: list[str
             problems.append(f"{source.where(loc + ('class',))}: {format_loc(loc + ('class',))}: metric {crit.metric!r} is "
                             "not a per-class rate; 'class' is for sensitivity, specificity and false_negative_rate "
                             "(and their clean_ forms)")
+        if crit.subgroup is not None and not (metric_cls is not None and metric_cls.clean) and crit.attack != WORST_CASE:
+            problems.append(f"{source.where(loc + ('subgroup',))}: {format_loc(loc + ('subgroup',))}: subgroups are "
+                            "measured clean and under the worst case: name a clean metric or attack: worst_case")
+        if crit.subgroup is not None and crit.class_name is not None:
+            problems.append(f"{source.where(loc + ('subgroup',))}: {format_loc(loc + ('subgroup',))}: a per-class rate "
+                            "is not computed per subgroup: drop 'class' or 'subgroup'")
         needs_eps = metric_cls is not None and not metric_cls.clean
         if needs_eps and crit.epsilon is None:
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: metric {crit.metric!r} needs an 'epsilon'")
@@ -527,6 +553,10 @@ def _check_references(source: Source, spec: Spec, host: Host, problems: list[str
                      else f"threat_model.epsilons ({', '.join(epsilon_label(e, norm) for e in levels)})")
             shown = f"{crit.epsilon:g}" if budget else epsilon_label(crit.epsilon, norm)
             problems.append(f"{source.where(loc + ('epsilon',))}: {format_loc(loc + ('epsilon',))}: epsilon {shown} is not in {where}")
+    if spec.baseline is not None and not (spec.baseline.run_dir / "results.json").is_file():
+        loc = ("baseline", "run_dir")
+        problems.append(f"{source.where(loc)}: {format_loc(loc)}: no results.json in {spec.baseline.run_dir}: name a "
+                        "finished run directory of the reference model")
     ids = [c.id for c in spec.acceptance.criteria]
     for i, cid in enumerate(ids):
         if cid in ids[:i]:

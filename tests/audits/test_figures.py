@@ -40,7 +40,7 @@ class SnapshotRunner(Runner):
 def run(tmp_dir, host=None, **sections):
     runtime = f"runtime:\n  device: cpu\n  batch_size: 32\n  seed: 0\n  output_dir: {tmp_dir}"
     path = tmp_dir / "spec.yaml"
-    path.write_text(spec_text(attacks=ATTACKS, runtime=runtime, **sections), encoding="utf-8")
+    path.write_text(spec_text(**{"attacks": ATTACKS, **sections}, runtime=runtime), encoding="utf-8")
     host = host or get_host(load_entry_points=False)
     runner = SnapshotRunner(load_spec(path, host), host, show_progress=False)
     return runner, run_audit(runner.spec, host, runner=runner)
@@ -175,3 +175,17 @@ def test_a_model_without_conv_or_linear_layers_just_lacks_those_figures(tmp_path
     assert "the model has no nn.Conv2d layer" in caplog.text and "the model has no nn.Linear layer" in caplog.text
     assert not list((outcome.run_dir / "examples").glob("*.features.pt"))
     assert (outcome.run_dir / "figures" / "examples.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_minimum_norm_attack_shows_the_smallest_flip_of_a_few_cases(model_cache, tmp_path):
+    from matplotlib.image import imread
+
+    runner, outcome = run(tmp_path, attacks="attacks:\n  - name: deepfool\n    params: {steps: 20}",
+                          threat_model="threat_model:\n  norm: linf\n  epsilons: [8/255]",
+                          data="data:\n  dataset: phantom\n  params: {n: 16, size: 64, seed: 0}")
+    figures = {f["id"]: f for f in outcome.results["figures"]}
+    figure = figures["smallest-perturbations"]
+    assert "minimum-norm" in figure["caption"] and "Data:" in figure["caption"]
+    pixels = imread(outcome.run_dir / figure["path"])[..., :3]
+    assert pixels.shape[1] > 300 and pixels.std() > 0.05  # without a minimum-norm attack: no such figure (above)

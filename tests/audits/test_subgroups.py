@@ -108,3 +108,55 @@ def test_the_subgroup_section_suppresses_the_metrics_of_small_subgroups(tmp_path
     assert "suppressed: n &lt; 3" in site_b and "%" not in site_b and '<td class="num">2</td>' in site_b
     site_a = html[html.index("<td>A</td>"):].split("</tr>")[0]  # 4 cases: shown
     assert "suppressed" not in site_a and "50.0% [" in site_a
+
+
+def test_a_criterion_on_a_subgroup_is_judged_on_its_cases_only(tmp_path):
+    from medaudit.audits.acceptance import judge, subgroup_value
+    from medaudit.core.components import Norm
+    from medaudit.core.spec import Criterion
+
+    subgroups = computed(tmp_path)["subgroups"]
+
+    def criterion(**kw):
+        return Criterion.model_validate({"id": "S", "op": ">=", "statistic": "point", **kw})
+
+    worst_a = criterion(metric="robust_accuracy", epsilon=EPS, threshold=0.5, subgroup={"covariate": "site", "value": "A"})
+    assert subgroup_value(subgroups, worst_a)["value"] == 0.5 and subgroup_value(subgroups, worst_a)["n"] == 4
+    assert judge(worst_a, subgroup_value(subgroups, worst_a), Norm.LINF)["verdict"] == "PASS"
+    worst_b = criterion(metric="robust_accuracy", epsilon=EPS, threshold=0.5, subgroup={"covariate": "site", "value": "B"})
+    assert judge(worst_b, subgroup_value(subgroups, worst_b), Norm.LINF)["verdict"] == "FAIL"  # 0 of 2
+    clean_b = criterion(metric="clean_accuracy", threshold=0.5, subgroup={"covariate": "site", "value": "B"})
+    assert subgroup_value(subgroups, clean_b)["value"] == 0.5
+    unsized = criterion(metric="clean_accuracy", threshold=0.5, subgroup={"covariate": "lesion_size", "value": None})
+    assert subgroup_value(subgroups, unsized)["n"] == 1
+
+
+@pytest.mark.parametrize("criterion,message", [
+    ("{id: S, metric: robust_accuracy, attack: fgsm, epsilon: 4/255, op: '>=', threshold: 0.5, "
+     "subgroup: {covariate: site, value: A}}", "subgroups are measured clean and under the worst case"),
+    ("{id: S, metric: clean_sensitivity, class: nodule, op: '>=', threshold: 0.5, subgroup: {covariate: site, value: A}}",
+     "a per-class rate is not computed per subgroup"),
+])
+def test_a_subgroup_criterion_outside_what_subgroups_measure_is_refused(criterion, message, tmp_path):
+    from medaudit.core.errors import SpecError
+
+    text = spec_text(threat_model="threat_model:\n  norm: linf\n  epsilons: [4/255]",
+                     metrics="metrics: [clean_accuracy, robust_accuracy, clean_sensitivity]",
+                     acceptance=f"acceptance:\n  criteria:\n    - {criterion}")
+    with pytest.raises(SpecError, match=message):
+        load_spec_text(text, get_host(load_entry_points=False), tmp_path)
+
+
+def test_a_subgroup_the_data_lacks_is_refused_before_the_run():
+    from medaudit.audits.runner import check_criterion_scopes
+    from medaudit.core.errors import SpecError
+    from medaudit.core.spec import load_spec_text as load
+
+    spec = load(spec_text(threat_model="threat_model:\n  norm: linf\n  epsilons: [4/255]", acceptance=(
+        "acceptance:\n  criteria:\n    - {id: S, metric: clean_accuracy, op: '>=', threshold: 0.5, "
+        "subgroup: {covariate: site, value: C}}")), get_host(load_entry_points=False), ".")
+    with pytest.raises(SpecError, match=r"no case has site = 'C' \(its values: 'A', 'B'\)"):
+        check_criterion_scopes(spec, ["normal", "nodule"], [{"site": "A"}, {"site": "B"}])
+    with pytest.raises(SpecError, match="the data gives no covariate 'site'"):
+        check_criterion_scopes(spec, ["normal", "nodule"], None)
+    check_criterion_scopes(spec, ["normal", "nodule"], [{"site": "C"}])  # present: no error

@@ -204,7 +204,7 @@ class Shift(ReportSection):
                 "attack": r["attack"], "level": r["epsilon"], "effect": r["corruption"], "value": value or None,
                 "seen": r.get("perceptibility") or {},
                 "drop": drop, "draws": draws.get(r.get("spec_attack", r["attack"]), 1), "missed": missed})
-        return {"headline": metric, "tables": tables}
+        return {"headline": metric, "tables": tables, "errors": results.get("corruption_errors")}
 
 
 class Defenses(ReportSection):
