@@ -2,9 +2,12 @@
 
 Run any evasion attack of the Adversarial Robustness Toolbox.
 
-Breadth, not speed: ART works on numpy arrays, so every call leaves the device and the
-model runs through ART's ``PyTorchClassifier`` wrapper (several times slower than the
-native attacks; see ``benchmarks/attacks.py``). Use the native attacks for the hot path.
+Breadth, not speed: ART takes and returns numpy arrays, so every call leaves the device.
+What that costs depends on the attack. ART's PGD runs its steps in torch through the
+``PyTorchClassifier`` wrapper and costs about as much as the native one (1.04x on the CPU,
+``benchmarks/attacks.py``); attacks ART implements in numpy also move every step to the
+host and back, so they are slower still, more so on a GPU. Use the native attacks for the
+hot path.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class ARTParams(Params):
 
 
 class ARTAttack(Attack):
-    """Any ART evasion attack by class name, through numpy (slower; for breadth).
+    """Any ART evasion attack by class name, through numpy (for breadth; see the module's note on cost).
 
     Adversarial Robustness Toolbox, https://github.com/Trusted-AI/adversarial-robustness-toolbox.
     The model is wrapped in ART's ``PyTorchClassifier`` with clip values (0, 1). When the

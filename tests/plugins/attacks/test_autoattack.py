@@ -161,6 +161,38 @@ def test_square_lowers_accuracy_without_gradients(demo_model, demo_data):
         assert correct(model, x_adv, y).float().mean() < correct(model, x, y).float().mean() - 0.2
 
 
+class Counting(torch.nn.Module):
+    """Counts the samples the attack sends through the model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.samples = inner, 0
+
+    def forward(self, x):
+        self.samples += len(x)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("norm,eps", [(Norm.LINF, 4 / 255), (Norm.L2, 0.5)])
+def test_square_early_exit_gives_the_same_result_in_fewer_queries(norm, eps, demo_model, demo_data):
+    """Fooled samples leave the search, as in the reference: the same search (every sample
+    still draws its candidates), fewer samples through the model. The model's floating-point
+    results may differ in the last bits with the batch's size, which can turn a near-tie:
+    at most one of the 32 cases may end differently."""
+    x, y, queries = demo_data.images[:32], demo_data.labels[:32], 200
+    frozen, dropped = Counting(demo_model.module), Counting(demo_model.module)
+    x_frozen = run(aa.Square(aa.SquareParams(queries=queries, early_exit=False)), frozen, x, y, eps, norm)
+    x_dropped = run(aa.Square(aa.SquareParams(queries=queries)), dropped, x, y, eps, norm)
+    assert frozen.samples == len(x) * queries
+    with torch.no_grad():
+        right_dropped, right_frozen = correct(demo_model.module, x_dropped, y), correct(demo_model.module, x_frozen, y)
+    assert (right_dropped != right_frozen).sum() <= 1
+    same = (x_dropped - x_frozen).flatten(1).abs().amax(1) < 1e-6
+    assert same.sum() >= len(x) - 1
+    assert not right_dropped.all()  # some samples were fooled and left early
+    assert dropped.samples < 0.9 * frozen.samples
+
+
 def test_the_module_registers_its_attacks_through_the_hook():  # as a built-in
     host = get_host(load_entry_points=False)
     attacks = host.components["attack"]

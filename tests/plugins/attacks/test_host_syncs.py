@@ -223,8 +223,8 @@ CASES = {
     "tifgsm": Case("tifgsm", lambda s: {"steps": s}),
     "apgd-ce": Case("apgd-ce", lambda s: {"steps": s, "restarts": 2}, steps=5),
     "apgd-t": Case("apgd-t", lambda s: {"steps": s}, steps=5),
-    "square": Case("square", lambda s: {"queries": s}, steps=4),
-    "square-l2": Case("square", lambda s: {"queries": s}, norm=Norm.L2, eps=0.5, steps=4),
+    "square": Case("square", lambda s: {"queries": s, "early_exit": False}, steps=4),  # the early exit syncs
+    "square-l2": Case("square", lambda s: {"queries": s, "early_exit": False}, norm=Norm.L2, eps=0.5, steps=4),
     "autoattack": Case("autoattack", lambda s: {"apgd_steps": s, "square_queries": 3}, steps=5),
     "cw": Case("cw", lambda s: {"steps": s, "search_steps": 2}, norm=Norm.L2, eps=0.5),
     # uap's steps are its mini-batches: halving the batch doubles them; one documented sync per pass.
