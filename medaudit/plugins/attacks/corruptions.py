@@ -40,6 +40,7 @@ from medaudit.core.segmentation import dice_per_class, foreground_mean, is_dense
 from medaudit.plugins.attacks._corruption_ops import OPS, Op
 from medaudit.plugins.attacks._severities import SEVERITIES, TARGET_SSIM, severity_table
 
+
 class CorruptionParams(Params):
     draws: int = Field(
         1, ge=1, le=100,
