@@ -20,16 +20,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-class Counting(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.samples = inner, 0
-
-    def forward(self, x):
-        self.samples += len(x)
-        return self.inner(x)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128)
@@ -38,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from medaudit.core.components import Norm, Task
+    from medaudit.core.models import CallCounter
     from medaudit.core.phantoms import PhantomParams, make_phantoms
     from medaudit.plugins.attacks.autoattack import Square, SquareParams
     from medaudit.plugins.models.demo import DemoModel, DemoParams
@@ -46,7 +37,7 @@ def main() -> None:
     x, y, _ = make_phantoms(PhantomParams(n=args.n, size=64, seed=1))
     out = {}
     for early_exit in (False, True):
-        counting = Counting(model)
+        counting = CallCounter(model)
         attack = Square(SquareParams(queries=args.queries, early_exit=early_exit))
         wall, cpu = time.perf_counter(), time.process_time()
         x_adv = attack.perturb(counting, x, y, eps=args.eps / 255, norm=Norm.LINF,

@@ -545,9 +545,8 @@ class Runner:
         if self.spec.baseline is None:
             return None
         baseline = json.loads((self.spec.baseline.run_dir / "results.json").read_text(encoding="utf-8"))
-        clean_metric = "clean_dice" if self.spec.task is Task.SEGMENTATION else "clean_accuracy"
         errors = corruption_errors(computed["rows"], computed["clean"], baseline, self.spec.baseline.name,
-                                   self.protocol.headline, clean_metric)
+                                   self.protocol.headline, self.protocol.clean_headline)
         if errors is not None:
             errors["same_data"] = errors["same_data"] == self.fingerprints["data_sha256"]
         return errors

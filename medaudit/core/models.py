@@ -83,6 +83,19 @@ class SpeedWrapper(nn.Module):
             return self.inner(x).float()
 
 
+class CallCounter(nn.Module):
+    """Counts the samples sent through a model: what a query-based attack spends (benchmarks
+    and tests of query efficiency)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.samples = inner, 0
+
+    def forward(self, x):
+        self.samples += len(x)
+        return self.inner(x)
+
+
 def prepare_for_audit(module: nn.Module) -> nn.Module:
     """Eval mode and frozen parameters: attacks differentiate w.r.t. the input only."""
     module.eval()

@@ -31,6 +31,8 @@ class TaskProtocol(abc.ABC):
     task: Task
     #: The metric the validity checks and the report's summary read first.
     headline: str
+    #: The clean metric the headline is compared with (a drop from clean, a corruption error).
+    clean_headline: str
     #: How the numbers are defined, stated in results.json and the report.
     conventions: list[str]
     #: Facets every record of this task holds (a job adds rejection, extras... as they apply).
@@ -103,7 +105,7 @@ class TaskProtocol(abc.ABC):
 
 class Classification(TaskProtocol):
     task = Task.CLASSIFICATION
-    headline = "robust_accuracy"
+    headline, clean_headline = "robust_accuracy", "clean_accuracy"
     conventions = [
         "Only samples classified correctly when clean are attacked; the others count as errors.",
         "Robust accuracy under worst_case: a sample counts only if it survives every attack at that epsilon.",
@@ -148,7 +150,7 @@ class Classification(TaskProtocol):
 
 class Segmentation(TaskProtocol):
     task = Task.SEGMENTATION
-    headline = "robust_dice"
+    headline, clean_headline = "robust_dice", "clean_dice"
     conventions = [
         "Every case is attacked. A case's Dice, IoU and HD95 are means over the foreground classes (class 0 is background).",
         "Empty masks: a class absent from both truth and prediction scores Dice 1, IoU 1, HD95 0; absent from exactly "

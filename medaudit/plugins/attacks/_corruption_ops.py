@@ -36,6 +36,11 @@ class Op:
     modality: str  # "mri" | "ct" | "general" | "rgb" (rgb: C == 3, 2D only)
     parameter: str  # what p is, with its unit
     source: str  # where the definition comes from
+    dims: frozenset[int] = frozenset({2, 3})  # image dimensions it handles (2: slices and photographs only)
+
+
+#: The dimensions of an operation that handles 2D images only (photographs, JPEG).
+TWO_D = frozenset({2})
 
 
 def _operation(fn):
@@ -431,13 +436,6 @@ def slice_thickness(x, p, generator):
     return _conv_along(x, _gaussian(p, x), 2)
 
 
-@_operation
-def hu_window_shift(x, p, generator):
-    """A display window whose level is lowered by ``p`` of its width: ``x + p``, clipped (with a
-    400 HU window, p = 0.1 is 40 HU)."""
-    return x + p
-
-
 # -- RGB (dermoscopy, pathology) -------------------------------------------------------------
 
 OD_EPS = 1 / 255
@@ -537,7 +535,8 @@ OPS: dict[str, Op] = {
                      "TorchIO RandomAnisotropy, on every spatial axis"),
     "jpeg": Op(jpeg, False, JPEG_P_MAX, "general",
                "JPEG quality loss (quality round(100 - 95 p), clipped to [5, 100]; 2D, 1 or 3 channels)",
-               "ImageNet-C jpeg_compression (Hendrycks & Dietterich 2019); torchvision's libjpeg codec, run on the CPU"),
+               "ImageNet-C jpeg_compression (Hendrycks & Dietterich 2019); torchvision's libjpeg codec, run on the CPU",
+               dims=TWO_D),
     # MRI
     "rician-noise": Op(rician_noise, True, 0.1, "mri", f"noise standard deviation per channel {_FRACTION}",
                        "MONAI RandRicianNoise (Gudbjartsson & Patz, Magn. Reson. Med. 1995)"),
@@ -565,17 +564,17 @@ OPS: dict[str, Op] = {
     "slice-thickness": Op(slice_thickness, False, 4.0, "ct",
                           "through-plane Gaussian blur standard deviation (slices along D; 2D: rows along H)",
                           "this package's own: Gaussian slice-sensitivity profile"),
-    "hu-window-shift": Op(hu_window_shift, False, 0.4, "ct",
-                          "window level lowered by p of the window width (400 HU window: p = 0.1 is 40 HU)",
-                          "this package's own: display-window level shift"),
+    "hu-window-shift": Op(brightness, False, 0.4, "ct",  # the same offset, read as a display-window level
+                          "window level lowered by p of the window width, x + p clipped (400 HU window: p = 0.1 "
+                          "is 40 HU)", "this package's own: display-window level shift"),
     # RGB
     "stain-variation": Op(stain_variation, True, 0.5, "rgb", "bound of the per-channel optical-density scaling",
                           "per-channel optical-density augmentation after Tellez et al. (Med. Image Anal. 2019); "
-                          "MedMNIST-C (Di Salvo et al. 2024)"),
+                          "MedMNIST-C (Di Salvo et al. 2024)", dims=TWO_D),
     "black-corners": Op(black_corners, False, 0.45, "rgb", "vignette: 1 - kept radius / half diagonal",
-                        "MedMNIST-C black_corner (Di Salvo et al. 2024)"),
+                        "MedMNIST-C black_corner (Di Salvo et al. 2024)", dims=TWO_D),
     "bubbles": Op(bubbles, True, 1.0, "rgb", "number of bubbles / 10 (translucent discs, alpha 0.5)",
-                  "MedMNIST-C gel_bubble (Di Salvo et al. 2024), simplified to discs"),
+                  "MedMNIST-C gel_bubble (Di Salvo et al. 2024), simplified to discs", dims=TWO_D),
     "characters": Op(characters, True, 1.0, "rgb", "fraction of the image width covered by a ruler mark",
-                     "this package's stand-in for MedMNIST-C's text/ruler marks (Di Salvo et al. 2024)"),
+                     "this package's stand-in for MedMNIST-C's text/ruler marks (Di Salvo et al. 2024)", dims=TWO_D),
 }

@@ -108,10 +108,9 @@ def corruption_class(name: str, op: Op, calibration: dict) -> type[Corruption]:
         + ("" if all(entry["reached"]) else "; a band out of reach at the most plausible strength keeps that strength")
         + f"). Definition: {op.source}."
     )
-    dims = frozenset({2}) if op.modality == "rgb" or name == "jpeg" else frozenset({2, 3})
     doc = f"{name} ({op.modality}): {op.parameter}. {op.source}."
     return type(_class_name(name), (Corruption,), {
-        "__doc__": doc, "__module__": __name__, "name": name, "op": op, "dims": dims,
+        "__doc__": doc, "__module__": __name__, "name": name, "op": op, "dims": op.dims,
         "budget": Budget(name="severity", levels=SEVERITIES, measure="corruption_strength", description=description,
                          table=tuple(entry["parameters"])),
     })

@@ -10,6 +10,7 @@ import medaudit.plugins.attacks._apgd as apgd_lib
 import medaudit.plugins.attacks.autoattack as aa
 from medaudit.core.components import Access, Norm
 from medaudit.core.host import get_host
+from medaudit.core.models import CallCounter
 from medaudit.plugins.attacks.gradient import PGD, PGDParams
 
 ATTACKS = [
@@ -161,18 +162,6 @@ def test_square_lowers_accuracy_without_gradients(demo_model, demo_data):
         assert correct(model, x_adv, y).float().mean() < correct(model, x, y).float().mean() - 0.2
 
 
-class Counting(torch.nn.Module):
-    """Counts the samples the attack sends through the model."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.samples = inner, 0
-
-    def forward(self, x):
-        self.samples += len(x)
-        return self.inner(x)
-
-
 @pytest.mark.parametrize("norm,eps", [(Norm.LINF, 4 / 255), (Norm.L2, 0.5)])
 def test_square_early_exit_gives_the_same_result_in_fewer_queries(norm, eps, demo_model, demo_data):
     """Fooled samples leave the search, as in the reference: the same search (every sample
@@ -180,7 +169,7 @@ def test_square_early_exit_gives_the_same_result_in_fewer_queries(norm, eps, dem
     results may differ in the last bits with the batch's size, which can turn a near-tie:
     at most one of the 32 cases may end differently."""
     x, y, queries = demo_data.images[:32], demo_data.labels[:32], 200
-    frozen, dropped = Counting(demo_model.module), Counting(demo_model.module)
+    frozen, dropped = CallCounter(demo_model.module), CallCounter(demo_model.module)
     x_frozen = run(aa.Square(aa.SquareParams(queries=queries, early_exit=False)), frozen, x, y, eps, norm)
     x_dropped = run(aa.Square(aa.SquareParams(queries=queries)), dropped, x, y, eps, norm)
     assert frozen.samples == len(x) * queries
