@@ -6,6 +6,8 @@ Defense, Metric, ModelLoader, ReportSection and the types they use).
 """
 
 from medaudit.core.components import (
+    CROSS_ENTROPY,
+    MARGIN,
     Access,
     Attack,
     AttackContext,
@@ -32,6 +34,8 @@ from medaudit.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 __all__ = [
+    "CROSS_ENTROPY",
+    "MARGIN",
     "Access",
     "Attack",
     "AttackContext",

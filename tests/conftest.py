@@ -92,6 +92,8 @@ def spec_text(**overrides: str) -> str:
                   threshold: 0.5"""
         ),
         "runtime": "runtime:\n  device: cpu\n  batch_size: 32\n  seed: 0",
+        # The re-runs of the validity checks on fewer cases than their defaults: the suite runs many audits.
+        "validity": "validity: {convergence_cases: 8, trace_cases: 1, noise_cases: 16}",
     }
     sections.update(overrides)
     return "\n".join(v for v in sections.values() if v) + "\n"

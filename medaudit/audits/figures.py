@@ -518,6 +518,89 @@ def embedding_figure(run_dir: Path, jobs: list, job, class_names: list[str], pat
     }
 
 
+def convergence_figure(convergence: dict[str, dict], path: Path) -> dict[str, Any] | None:
+    """The convergence evidence (Carlini et al. 2019, C6), one row per model: the margin of a
+    few cases at every model call of the strongest attack's re-run (below 0: fooled), and the
+    share of the re-run cases still robust after each restart beside the audit's own run.
+    None when the re-run did not run."""
+    ran = {label: c for label, c in convergence.items() if c.get("traces") is not None}
+    if not ran:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(ran), 2, figsize=(9.0, 3.0 * len(ran)), squeeze=False, layout="constrained")
+    for row, (label, c) in enumerate(ran.items()):
+        loss, restarts = axes[row]
+        for i, trace in enumerate(c["traces"]):
+            if trace:
+                loss.plot([p[0] for p in trace], [p[1] for p in trace], lw=1.2, label=f"case {i + 1}")
+        loss.axhline(0, color="#c0392b", lw=0.8, ls="--")
+        loss.set_xlabel("model call")
+        loss.set_ylabel("margin z_y - max other")
+        loss.set_title(f"{'undefended' if label == 'none' else label}: {c['attack']} at {c['epsilon_label']}, "
+                       f"{c['factor']}x iterations", fontsize=9)
+        if any(c["traces"]):
+            loss.legend(fontsize=7)
+        counts = list(range(1, len(c["robust_after_restart"]) + 1))
+        restarts.plot(counts, c["robust_after_restart"], marker="o", label="re-run, cumulative")
+        restarts.axhline(c["robust_before"], color="grey", ls="--", label="the audit's run")
+        restarts.set_xticks(counts)
+        restarts.set_ylim(-0.02, 1.02)
+        restarts.set_xlabel("restarts")
+        restarts.set_ylabel("robust accuracy")
+        restarts.set_title(f"{c['cases']} cases", fontsize=9)
+        restarts.legend(fontsize=7)
+    _save(fig, path)
+    return {
+        "id": path.stem,
+        "title": "Convergence of the strongest attack",
+        "caption": "For each model, the strongest iterative attack at the budget where the worst case is nearest half the "
+        "clean accuracy, re-run on the first cases it attacked with more iterations and fresh restarts. Left: the logit "
+        "margin z_y - max_{i != y} z_i of a few cases (those the audit left robust first) at every model call of the "
+        "re-run's first restart; a margin that is still falling at the end means the attack had not converged. Right: "
+        "the share of the cases still robust after each restart, against the audit's own run on them (dashed); a drop "
+        "means more search breaks more cases. Data: results.json, soundness.convergence.",
+        "path": f"figures/{path.name}",
+        "section": "validity",
+    }
+
+
+def certified_figure(certified: dict[str, dict], rows: list[dict], metric: str, norm: str,
+                     path: Path) -> dict[str, Any] | None:
+    """Certified accuracy against the L2 radius for each certifying defense, beside the
+    empirical worst-case robust accuracy of the same defense when the threat model is L2
+    (the certificate is a lower bound on it, the attacks an upper bound)."""
+    from medaudit.core.spec import WORST_CASE
+
+    if not certified:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    for label, c in certified.items():
+        line, = ax.step([p[0] for p in c["curve"]], [p[1] for p in c["curve"]], where="post",
+                        label=f"{label}: certified (sigma {c['sigma']:g})")
+        if norm == "l2":
+            empirical = sorted((r["epsilon"], r["metrics"][metric]["value"]) for r in rows
+                               if r["defense"] == label and r["attack"] == WORST_CASE and r["metrics"].get(metric))
+            if empirical:
+                ax.plot(*zip(*empirical), marker="o", ls="--", color=line.get_color(),
+                        label=f"{label}: empirical, worst case of the attacks")
+    ax.set_xlabel("L2 radius (image in [0, 1])")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return {
+        "id": path.stem,
+        "title": "Certified accuracy against the L2 radius",
+        "caption": "The share of cases the smoothed classifier certifies correct at each L2 radius or beyond "
+        "(randomized smoothing, Cohen et al. 2019: each certificate fails with probability at most alpha), a lower bound "
+        "on its robust accuracy; where the threat model is L2, dashed, the attacks' worst case at each budget, an upper "
+        "bound. The truth lies between them. Data: results.json, certified; certified/ in the run directory.",
+        "path": f"figures/{path.name}",
+        "section": "certified",
+    }
+
+
 def _optional(what: str, build, *args) -> dict[str, Any] | None:
     """A figure that must not cost the audit its report: a failure is logged and the figure left out."""
     try:

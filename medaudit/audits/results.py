@@ -31,7 +31,7 @@ from medaudit.audits.statistics import (
     BOOTSTRAP_RESAMPLES, bca_interval, bootstrap_interval, clopper_pearson_interval, metric_value, wilson_interval,
 )
 from medaudit.audits.validity import (
-    BUDGET_TOLERANCE, LARGE_LINF, NOT_APPLICABLE, STRENGTH_TOLERANCE, WARN, gradient_check, model_checks,
+    BUDGET_TOLERANCE, LARGE_LINF, NOT_APPLICABLE, FALLBACK_TOLERANCE, WARN, gradient_check, model_checks,
     outputs_check, validity_checks,
 )
 from medaudit.core.components import MetricValue
@@ -39,7 +39,7 @@ from medaudit.core.tasks import worst_case_records
 
 __all__ = [
     "FAIL", "INCONCLUSIVE", "INVALID", "NOT_APPLICABLE", "NOT_ASSESSED", "PASS", "WARN", "VERDICT_EXIT_CODES",
-    "BOOTSTRAP_RESAMPLES", "BUDGET_TOLERANCE", "LARGE_LINF", "STRENGTH_TOLERANCE",
+    "BOOTSTRAP_RESAMPLES", "BUDGET_TOLERANCE", "LARGE_LINF", "FALLBACK_TOLERANCE",
     "acceptance", "bca_interval", "bootstrap_interval", "clopper_pearson_interval", "compute_metric",
     "compute_results", "detection_summary", "gradient_check", "judge", "metric_value", "model_checks",
     "nonfinite_cases", "outputs_check", "per_class_table", "robustness_curve", "validity_checks",

@@ -21,13 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import medaudit
 from medaudit.audits import rundir
-from medaudit.audits.figures import task_figures
+from medaudit.audits.figures import certified_figure, convergence_figure, task_figures
 from medaudit.audits.plan import check_model_access, plan_jobs
 from medaudit.audits.records import (
     EXAMPLE_CASES, FEATURE_CASES, RecordWriter, is_done, read_records, save_examples, save_features,
 )
 from medaudit.audits.execute import Session, Sink, execute, model_frame, view_modules
 from medaudit.audits.aggregation import corruption_errors
+from medaudit.audits.certification import certify_defenses
+from medaudit.audits.soundness import convergence, model_behaviour, noise_baseline
 from medaudit.audits.results import acceptance, compute_metric, compute_results, validity_checks
 from medaudit.core.components import NO_SCREEN, Access, Facet, LoadedData, LoadedModel, Task, component_info
 from medaudit.core.data import check_data_fits, class_summary, summarise
@@ -124,8 +126,8 @@ def probe_model(model: LoadedModel, data: LoadedData, task: Task, device: torch.
     if not deterministic and not randomized:
         raise ModelUnstable(f"{name} is non-deterministic: two forward passes on the same {k} cases differ by up to "
                             f"{float((first - second).abs().max()):.2e} (dropout left on? random transforms?). Make it "
-                            "deterministic, or declare model.randomized: true in the spec (the audit then stays "
-                            "INVALID until attacks average over the randomness, EOT)")
+                            "deterministic, or declare model.randomized: true in the spec and attack it with EOT "
+                            "(autoattack with version: rand, or eot_samples), or the audit is INVALID")
     return {"cases": k, "outputs": "logits", "finite": True, "deterministic": deterministic}
 
 
@@ -350,6 +352,54 @@ class Runner:
                                                    "nonfinite": int((~flat.isfinite()).any(1).sum())}
         return health
 
+    def certified(self) -> dict[str, dict]:
+        """Each certifying defense's certificates (:mod:`medaudit.audits.certification`)."""
+        return certify_defenses(self.session, self.data, self.spec, self.run_dir, self.batch_size,
+                                self.console if self.show_progress else None)
+
+    def _chance(self) -> float | None:
+        """Classification: the share of the most frequent class, what always answering it scores (C1)."""
+        if self.spec.task is not Task.CLASSIFICATION:
+            return None
+        counts = torch.bincount(torch.as_tensor(self.data.labels).long().flatten())
+        return float(counts.max()) / max(int(counts.sum()), 1)
+
+    def soundness(self, computed: dict) -> dict[str, Any]:
+        """What the validity checks need from running the models again (after the jobs, so the
+        jobs' random draws are the same with and without them): each deployed model's
+        behaviour on the first cases and, for classification, the noise baseline and the
+        convergence re-run (:mod:`medaudit.audits.soundness`)."""
+        spec, started = self.spec, time.perf_counter()
+        if self.show_progress:
+            self.console.print("validity checks: each model's behaviour, the noise baseline and the convergence re-run")
+        n = min(PROBE_CASES, len(self.data), self.batch_size)  # the batch size an out-of-memory error left
+        _, x, _ = next(self.data.batches(0, n, n, task=spec.task))
+        found: dict[str, Any] = {"behaviour": model_behaviour(self.models, x.to(self.device))}
+        if spec.task is Task.CLASSIFICATION:
+            found["noise"] = self._noise_baseline(computed["records"])
+            found["convergence"] = self._convergence(computed)
+        found["seconds"] = round(time.perf_counter() - started, 3)
+        return found
+
+    def _first_cases(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [(x, y) for _, x, y in self.data.batches(0, n, self.batch_size, task=self.spec.task)]
+        return torch.cat([x for x, _ in parts]).to(self.device), torch.cat([y for _, y in parts]).to(self.device)
+
+    def _noise_baseline(self, records: dict[str, list[dict]]) -> dict[str, dict]:
+        n = min(self.spec.validity.noise_cases, len(self.data))
+        if n == 0:
+            return {}
+        x, y = self._first_cases(n)
+        return noise_baseline(self.models, self.jobs, records, x, y, self.data.case_ids[:n], self.spec, self.batch_size)
+
+    def _convergence(self, computed: dict) -> dict[str, dict]:
+        n = min(self.spec.validity.convergence_cases, len(self.data))
+        if n == 0:
+            return {}
+        x, y = self._first_cases(n)
+        return convergence(self.models, self.jobs, computed, self.attacks, self.protocol, x, y, self.spec,
+                           self.batch_size)
+
     def _known_texts(self) -> dict[str, str]:
         """The texts of the outputs that are known once the data has loaded and will certainly
         be written: checked before any job runs, so a conflict costs no compute."""
@@ -449,8 +499,13 @@ class Runner:
         # Before anything else runs the model again: did the jobs leave its weights as they found them?
         self.probe["weights_unchanged"] = state_dict_sha256(self.model.module) == self.weights_sha256
         computed = compute_results(spec, host, self.jobs, self.run_dir, self.protocol.class_names(data))
+        soundness = self.soundness(computed)
+        certified = self.certified()
         checks = validity_checks(spec, host, self.jobs, computed["records"], computed["rows"], self.gradient_health(),
-                                 {**self.probe, "randomized": spec.model.randomized})
+                                 {**self.probe, "randomized": spec.model.randomized}, attacks=self.attacks,
+                                 clean=computed["clean"], soundness=soundness, chance=self._chance(),
+                                 averaging_views={ref.label: host.get("defense", ref.name).averaging_views
+                                                  for ref in spec.defenses})
         accepted = acceptance(spec, host, computed, checks)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
@@ -458,6 +513,12 @@ class Runner:
                  for e in timeline if e.get("event") == "job"}
         figures = task_figures(spec.task, self.run_dir, computed["rows"], self.jobs, spec.threat_model.epsilons, data,
                                self.models[NO_DEFENSE])
+        if certified:
+            figures.append(certified_figure(certified, computed["rows"], self.protocol.headline,
+                                            spec.threat_model.norm.value, self.run_dir / "figures" / "certified.png"))
+        if soundness.get("convergence"):
+            figures.append(convergence_figure(soundness["convergence"], self.run_dir / "figures" / "convergence.png"))
+        figures = [f for f in figures if f is not None]
         return {
             "schema_version": SCHEMA_VERSION,
             "medaudit_version": medaudit.__version__,
@@ -524,6 +585,8 @@ class Runner:
             "curves": computed["curves"],
             "subgroups": computed["subgroups"],
             "validity": checks,
+            "soundness": soundness,
+            **({"certified": certified} if certified else {}),
             "acceptance": accepted,
             "figures": figures,
             "conventions": self.protocol.conventions_for(

@@ -488,6 +488,11 @@ class Budget:
         return 0.0 if level == 0 else self.table[self.levels.index(level)]  # level 0: unchanged
 
 
+#: Loss kinds (:attr:`Attack.loss_kinds`): cross-entropy, and margin-type losses (the logit
+#: margin, CW, DLR, the distance to the decision boundary).
+CROSS_ENTROPY, MARGIN = "cross-entropy", "margin"
+
+
 class Attack(Component):
     """An evasion attack in pixel space.
 
@@ -511,6 +516,28 @@ class Attack(Component):
     #: Names of the extras (:class:`AttackOutcome`) :meth:`perturb` always returns, so the
     #: records of cases it was not run on (already wrong) hold them too, as None.
     extra_names: ClassVar[tuple[str, ...]] = ()
+    #: The kinds of loss the attack drives (:data:`CROSS_ENTROPY`, :data:`MARGIN`), for the
+    #: loss-diversity check (Carlini et al. 2019, C13); empty when it follows no loss.
+    loss_kinds: ClassVar[frozenset[str]] = frozenset()
+
+    def losses(self) -> frozenset[str]:
+        """The kinds of loss this configuration drives (default :attr:`loss_kinds`)."""
+        return self.loss_kinds
+
+    def eot_samples(self) -> int:
+        """Draws of the model's randomness each gradient or score of the attack averages over
+        (Expectation over Transformation, Athalye et al. 2018); 1: a single draw. A randomised
+        model counts as attacked properly only by an attack (or a defense's view) that averages."""
+        return int(getattr(self.params, "eot_samples", 1) or 1)
+
+    #: The integer parameters that set how long the attack searches, for :meth:`strengthened`.
+    effort_params: ClassVar[tuple[str, ...]] = ("steps", "queries")
+
+    def strengthened(self, factor: int) -> "Attack | None":
+        """A copy that searches ``factor`` times longer (each of its :attr:`effort_params`), for
+        the convergence check (Carlini et al. 2019, C6); None when it has no such parameter."""
+        longer = {k: v * factor for k in self.effort_params if isinstance(v := getattr(self.params, k, None), int)}
+        return type(self)(self.params.model_copy(update=longer)) if longer else None
 
     @abc.abstractmethod
     def perturb(
@@ -624,6 +651,23 @@ class Defense(Component):
     #: detector view...). Class data, so the planner needs no model: every gradient attack
     #: runs once per view. The defended model's :attr:`LoadedModel.views` holds the modules.
     views: ClassVar[dict[str, str]] = {}
+    #: The views that average the deployed system's outputs over its randomness (EOT): an
+    #: attack on one of them counts as handling a randomised defense (Carlini et al. 2019, C9).
+    averaging_views: ClassVar[frozenset[str]] = frozenset()
+    #: Whether :meth:`certify` gives certificates (formal robustness bounds, ISO/IEC 24029-2)
+    #: the runner records beside the empirical results.
+    certifies: ClassVar[bool] = False
+
+    def certify(self, model: LoadedModel, x: "torch.Tensor", generator: "torch.Generator") -> Any:
+        """Certificates for the inputs ``x`` of the undefended ``model``: an object with
+        ``rows()`` (per input: ``prediction``, -1 to abstain, and ``radius``) and ``settings()``.
+        Only for defenses that set :attr:`certifies`."""
+        raise NotImplementedError(f"{self.name} gives no certificates")
+
+    def caveats(self) -> list[str]:
+        """Warnings the report shows beside the defense's certificates (e.g. a noise model the
+        base classifier was not trained for)."""
+        return []
 
     @classmethod
     def view_names(cls) -> dict[str, str]:

@@ -346,6 +346,20 @@ class Baseline(_Section):
     name: str = Field(description="What the reference is, for the report, e.g. 'ResNet-50, release 2.1'.")
 
 
+class ValidityOptions(_Section):
+    """How hard the validity checks that run the model again look (Carlini et al. 2019):
+    the strongest attack re-run longer with restarts (convergence, C6) and random noise of
+    the threat model's norm (the noise baseline, C7), each on the first cases."""
+
+    convergence_cases: int = Field(
+        32, ge=0, description="Cases the strongest attack is re-run on, per model (0: no convergence check).")
+    convergence_factor: int = Field(2, ge=1, le=20, description="Times the attack's iterations (or queries) in the re-run.")
+    convergence_restarts: int = Field(3, ge=1, le=20, description="Independent restarts of the re-run (fresh seeds).")
+    trace_cases: int = Field(3, ge=0, le=16, description="Cases whose loss the report plots at every model call.")
+    noise_cases: int = Field(64, ge=0, description="Cases the noise baseline runs on, per model (0: no noise baseline).")
+    noise_draws: int = Field(20, ge=1, le=1000, description="Random perturbations drawn per case and budget.")
+
+
 class Spec(_Section):
     """A whole audit."""
 
@@ -361,6 +375,7 @@ class Spec(_Section):
     acceptance: Acceptance = Field(default_factory=Acceptance)
     report: ReportOptions = Field(default_factory=ReportOptions)
     runtime: Runtime = Field(default_factory=Runtime)
+    validity: ValidityOptions = Field(default_factory=ValidityOptions)
     baseline: Baseline | None = Field(
         None, description="A reference run to normalise the corruption errors to (mCE); none: errors unnormalised.")
 

@@ -90,7 +90,8 @@ def render_report(results: dict, host: Host, run_dir: Path | None = None, result
     else:
         env.globals["results_sha256"] = None
     shown = [f for f in results.get("figures", []) if run_dir is not None and (Path(run_dir) / f["path"]).is_file()]
-    shown.sort(key=lambda f: f.get("section") == "shift")  # numbered in the order the sections show them
+    order = {cls.name: cls.order for cls in section_classes}
+    shown.sort(key=lambda f: order.get(f.get("section", "results"), 0))  # numbered in the order the sections show them
     env.globals["figures"] = [{**f, "uri": data_uri(run_dir, f["path"]), "number": i} for i, f in enumerate(shown, 1)]
     sections = []
     for cls in section_classes:

@@ -25,7 +25,7 @@ from tests.helpers import run_audit
 
 EPS = 4 / 255
 ATTACKS = "attacks:\n  - name: fgsm\n  - name: pgd\n    params: {steps: 3}"
-NEW_FIGURES = {"examples", "grad-cam", "feature-embedding"}
+NEW_FIGURES = {"examples", "grad-cam", "feature-embedding", "convergence"}
 
 
 class SnapshotRunner(Runner):
@@ -171,7 +171,7 @@ def test_a_model_without_conv_or_linear_layers_just_lacks_those_figures(tmp_path
     caplog.set_level(logging.INFO, logger="medaudit.audits.figures")
     host = get_host(load_entry_points=False, extra_plugins=[("no-layers", NoLayersPlugin())])
     runner, outcome = run(tmp_path, host, model="model:\n  loader: no-layers")
-    assert {f["id"] for f in outcome.results["figures"]} == {"robust-accuracy", "examples"}
+    assert {f["id"] for f in outcome.results["figures"]} == {"robust-accuracy", "examples", "convergence"}
     assert "the model has no nn.Conv2d layer" in caplog.text and "the model has no nn.Linear layer" in caplog.text
     assert not list((outcome.run_dir / "examples").glob("*.features.pt"))
     assert (outcome.run_dir / "figures" / "examples.png").is_file()

@@ -146,11 +146,12 @@ def test_figures_cap_a_100kb_class_name_and_attack_label(tmp_path, monkeypatch):
 def test_junit_shows_warnings_verdict_and_times(audit):
     _, run_dir = audit
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    before = sum(c["status"] == "WARN" for c in results["validity"])
     warned = next(c for c in results["validity"] if c["status"] == "PASS" and not c["gating"])
     warned.update(status="WARN", evidence="a bump")
     suite = ET.fromstring(render_junit(results).encode("utf-8")).find("testsuite")
     props = {p.get("name"): p.get("value") for p in suite.iter("property")}
-    assert props["verdict"] == results["verdict"] and props["warnings"] == "1"
+    assert props["verdict"] == results["verdict"] and props["warnings"] == str(before + 1)
     cases = {c.get("name").split(":")[0]: c for c in suite.iter("testcase")}
     skipped = cases[warned["id"]].find("skipped")
     assert skipped is not None and skipped.get("message") == "WARN: a bump"

@@ -42,6 +42,47 @@ def targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -
     return gap / (top[:, 0] - third + 1e-12)
 
 
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The untargeted DLR loss APGD-DLR maximises, per sample: ``-(z_y - max_{i != y} z_i) / scale``
+    with ``scale = z_pi1 - z_pi3`` (``pi`` sorts the logits in decreasing order), invariant to
+    shifts and rescalings of the logits. With 2 classes no third logit exists and the loss is
+    the unscaled negative margin (the CW loss), as :func:`targeted_loss` does."""
+    z = logits.float()
+    others = z.scatter(1, y[:, None], float("-inf")).amax(1)
+    gap = others - pick(z, y)
+    if z.shape[1] < 3:
+        return gap
+    top = z.topk(3, dim=1).values
+    return gap / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def eot_objective(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], draws: int = 1) -> Objective:
+    """The APGD objective of ``model`` under ``loss_fn(logits) -> per-sample loss``: logits,
+    loss and input gradient, each averaged over ``draws`` forward passes (Expectation over
+    Transformation, Athalye et al. 2018: a randomised model's gradient is estimated by the
+    mean over its random draws, 20 in AutoAttack's ``rand`` version). The reference steps on
+    the mean gradient and judges the step size by the last draw's loss; here the loss and the
+    logits the iterate is judged by are means too. One draw: the plain gradient."""
+
+    def objective(x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_sum = loss_sum = grad_sum = None
+        for _ in range(draws):
+            xg = x_adv.detach().requires_grad_(True)
+            logits = model(xg)
+            loss = loss_fn(logits)
+            (grad,) = torch.autograd.grad(loss.sum(), xg)
+            logits, loss = logits.detach(), loss.detach()
+            if logits_sum is None:
+                logits_sum, loss_sum, grad_sum = logits, loss, grad
+            else:
+                logits_sum, loss_sum, grad_sum = logits_sum + logits, loss_sum + loss, grad_sum + grad
+        if draws == 1:
+            return logits_sum, loss_sum, grad_sum
+        return logits_sum / draws, loss_sum / draws, grad_sum / draws
+
+    return objective
+
+
 def checkpoints(steps: int) -> set[int]:
     """APGD's step-size checkpoints ``ceil(p_j * steps)``: p_0 = 0, p_1 = 0.22 and
     p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (in hundredths, to stay exact)."""

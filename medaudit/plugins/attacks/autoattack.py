@@ -1,6 +1,7 @@
-"""AutoAttack: apgd-ce, apgd-t, square, autoattack.
+"""AutoAttack: apgd-ce, apgd-dlr, apgd-t, square, autoattack.
 
-The AutoAttack family, ``apgd-ce``, ``apgd-t``, ``square``, and their ensemble ``autoattack``;
+The AutoAttack family, ``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``square``, and their ensemble
+``autoattack`` (with ``fab`` and ``fab-t`` from :mod:`.fab`);
 the building blocks shared with ``autoattack-seg`` are in :mod:`._apgd`.
 
 Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
@@ -16,16 +17,20 @@ Gradients are taken w.r.t. the input only. Images are in [0, 1]; epsilon is in t
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Access, Attack, AttackFamily, Norm, Params
-from medaudit.core.perturbation import input_gradient, margin, per_sample_l2, project
-from medaudit.plugins.attacks._apgd import apgd, col, p_schedule, random_boxes, targeted_loss
+from medaudit.core.components import (
+    CROSS_ENTROPY, MARGIN, Access, Attack, AttackFamily, AttackOutcome, Norm, Params,
+)
+from medaudit.core.perturbation import margin, per_sample_l2, project
+from medaudit.plugins.attacks._apgd import (
+    apgd, col, dlr_loss, eot_objective, p_schedule, random_boxes, targeted_loss,
+)
 
 def _on_unfooled(
     run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -47,6 +52,9 @@ class APGDParams(Params):
     steps: int = Field(100, ge=1, le=10_000, description="Iterations per restart.")
     restarts: int = Field(1, ge=1, le=100, description="Random restarts, each on the samples not fooled yet.")
     rho: float = Field(0.75, gt=0, le=1, description="Step halving when fewer than rho of the steps raised the loss.")
+    eot_samples: int = Field(
+        1, ge=1, le=1000, description="Forward passes each gradient averages over (EOT), for randomised models and "
+        "defenses; 1 for a deterministic model. AutoAttack's rand version uses 20.")
 
 
 class APGDCE(Attack):
@@ -59,16 +67,22 @@ class APGDCE(Attack):
     step is halved and it restarts from its best point when its loss rose on fewer than
     rho of the steps, or when its step was kept last time and its best loss has not
     improved since. Each sample returns its first misclassified iterate, else its highest
-    loss point. Classification; 2D images and 3D volumes. Deviations from the reference:
-    the random start is medaudit's (uniform in the ball, not on its surface) and the first
-    adversarial iterate is kept instead of the last.
+    loss point. ``eot_samples`` > 1 averages every gradient over that many forward passes
+    (EOT, for randomised models; AutoAttack's ``rand`` version). Classification; 2D images
+    and 3D volumes. Deviations from the reference: the random start is medaudit's (uniform
+    in the ball, not on its surface) and the first adversarial iterate is kept instead of
+    the last.
     """
 
     name = "apgd-ce"
     family = AttackFamily.ITERATIVE
+    loss_kinds = frozenset({CROSS_ENTROPY})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = APGDParams
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, reduction="none")
 
     def perturb(self, model, x, y, *, eps, norm, generator):
         p: APGDParams = self.params
@@ -79,16 +93,30 @@ class APGDCE(Attack):
 
         def run(idx):
             xs, ys = x[idx], y[idx]
-
-            def objective(x_adv):
-                logits, grad = input_gradient(model, x_adv, ys)
-                return logits, F.cross_entropy(logits.float(), ys, reduction="none"), grad
-
+            objective = eot_objective(model, lambda logits: self.loss(logits, ys), p.eot_samples)
             return apgd(objective, xs, ys, eps=eps, norm=norm, steps=p.steps, rho=p.rho, generator=generator)
 
         for _ in range(p.restarts):
             _on_unfooled(run, out, fooled, loss)
         return out
+
+
+class APGDDLR(APGDCE):
+    """Auto-PGD on the DLR loss (difference of logits ratio), a margin loss invariant to the logits' scale.
+
+    Croce & Hein, ICML 2020, https://arxiv.org/abs/2003.01690: APGD as ``apgd-ce`` on
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``, which a model that only rescales its
+    logits (a saturated softmax, temperature) cannot flatten. Untargeted, white box, L-inf
+    or L2; same defaults and ``eot_samples`` as ``apgd-ce``. Part of AutoAttack's ``plus``
+    and ``rand`` versions. Classification; 2D images and 3D volumes. Deviation: the
+    reference needs 3 classes; on 2-class models the loss is the unscaled margin (CW).
+    """
+
+    name = "apgd-dlr"
+    loss_kinds = frozenset({MARGIN})
+
+    def loss(self, logits, y):
+        return dlr_loss(logits, y)
 
 
 class APGDTParams(APGDParams):
@@ -114,6 +142,7 @@ class APGDT(Attack):
 
     name = "apgd-t"
     family = AttackFamily.ITERATIVE
+    loss_kinds = frozenset({MARGIN})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = APGDTParams
@@ -130,14 +159,7 @@ class APGDT(Attack):
 
             def run(idx, rank=rank):
                 xs, ys, target = x[idx], y[idx], ranking[idx, rank]
-
-                def objective(x_adv):
-                    x_adv = x_adv.detach().requires_grad_(True)
-                    logits = model(x_adv)
-                    loss = targeted_loss(logits, ys, target)
-                    (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-                    return logits.detach(), loss.detach(), grad
-
+                objective = eot_objective(model, lambda logits: targeted_loss(logits, ys, target), p.eot_samples)
                 return apgd(objective, xs, ys, eps=eps, norm=norm, steps=p.steps, rho=p.rho, generator=generator)
 
             for _ in range(p.restarts):
@@ -206,6 +228,7 @@ class Square(Attack):
 
     name = "square"
     family = AttackFamily.SCORE_BASED
+    loss_kinds = frozenset({MARGIN})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     needs = Access.SCORES
@@ -303,25 +326,59 @@ class Square(Attack):
 # -- the ensemble -----------------------------------------------------------------------
 
 
+#: The members of each version, in the order they run (as the reference's ``set_version``).
+VERSIONS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+MEMBERS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+
+
 class AutoAttackParams(Params):
-    apgd_steps: int = Field(100, ge=1, le=10_000, description="Iterations of apgd-ce and of apgd-t per target.")
-    n_target_classes: int = Field(9, ge=1, le=1000, description="Target classes of apgd-t.")
+    version: Literal["standard", "plus", "rand", "custom"] = Field(
+        "standard", description="standard: apgd-ce, apgd-t, fab-t, square. plus: apgd-ce and apgd-dlr with 5 restarts, "
+        "fab with 5 restarts, square, apgd-t, fab-t. rand (randomised models and defenses): apgd-ce and apgd-dlr, "
+        "each gradient averaged over 20 draws (EOT). custom: the members listed in `attacks`.")
+    attacks: list[Literal[MEMBERS]] | None = Field(  # type: ignore[valid-type]
+        None, description="The members of version custom, in the order they run.")
+    apgd_steps: int = Field(100, ge=1, le=10_000, description="Iterations of the apgd members (apgd-t: per target).")
+    n_target_classes: int = Field(9, ge=1, le=1000, description="Target classes of apgd-t and fab-t.")
+    fab_steps: int = Field(100, ge=1, le=10_000, description="Iterations of fab and fab-t (fab-t: per target).")
     square_queries: int = Field(5000, ge=1, le=1_000_000, description="Queries of square per sample.")
+    restarts: int | None = Field(
+        None, ge=1, le=100, description="Restarts of apgd-ce, apgd-dlr and fab; default the version's (plus 5, else 1).")
+    eot_samples: int | None = Field(
+        None, ge=1, le=1000, description="Forward passes each apgd gradient averages over (EOT); default the "
+        "version's (rand 20, else 1).")
+
+    @model_validator(mode="after")
+    def _members_match_version(self):
+        if self.version == "custom" and not self.attacks:
+            raise ValueError("version custom needs `attacks`: the members to run, e.g. [apgd-ce, square]")
+        if self.version != "custom" and self.attacks is not None:
+            raise ValueError(f"`attacks` is for version custom; version {self.version} runs "
+                             f"{', '.join(VERSIONS[self.version])}")
+        return self
 
 
 class AutoAttack(Attack):
-    """AutoAttack, standard version without FAB-T: apgd-ce, then apgd-t, then square, each on the samples still robust.
+    """AutoAttack: an ensemble of parameter-free attacks, each on the samples the ones before left robust.
 
     Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
     parameter-free attacks", ICML 2020, https://arxiv.org/abs/2003.01690. Untargeted, white
     box (gradients), L-inf or L2. Each member attacks only the samples that are correctly
     classified after the previous ones; a sample keeps the first adversarial example found,
-    the others are returned unchanged. Defaults as in the standard version: apgd-ce with 100
-    iterations and 1 restart, apgd-t with 100 iterations and 9 target classes, square with
-    5000 queries, p_init = 0.8 and its schedule of p not rescaled. ``apgd_steps``,
-    ``n_target_classes`` and ``square_queries`` scale it down for small budgets.
-    Classification; 2D images and 3D volumes. Deviations: FAB-T (the third member of the
-    reference) is left out, and apgd-t works on 2- and 3-class models (see ``apgd-t``).
+    the others are returned unchanged. Versions as the reference's ``set_version``:
+    ``standard`` runs apgd-ce (100 iterations, 1 restart), apgd-t (100 iterations, 9
+    targets), fab-t (100 iterations, 9 targets) and square (5000 queries, p_init = 0.8, the
+    schedule of p not rescaled); ``plus`` adds apgd-dlr and untargeted fab with 5 restarts
+    each (and apgd-ce with 5); ``rand``, for randomised models and defenses, runs apgd-ce and
+    apgd-dlr with every gradient averaged over 20 forward passes (EOT); ``custom`` runs the
+    members listed in ``attacks``. ``apgd_steps``, ``fab_steps``, ``n_target_classes`` and
+    ``square_queries`` scale it down for small budgets. Classification; 2D images and 3D
+    volumes. Deviations: apgd-t and apgd-dlr work on 2- and 3-class models with margin
+    fallbacks (see ``apgd-t``, ``apgd-dlr``), and the reference's L1 variant is not built.
     """
 
     name = "autoattack"
@@ -329,14 +386,34 @@ class AutoAttack(Attack):
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     Params = AutoAttackParams
+    effort_params = ("apgd_steps", "fab_steps", "square_queries")
+
+    def member_names(self) -> tuple[str, ...]:
+        p: AutoAttackParams = self.params
+        return tuple(p.attacks) if p.version == "custom" else VERSIONS[p.version]
+
+    def eot_samples(self) -> int:
+        p: AutoAttackParams = self.params
+        return p.eot_samples or (20 if p.version == "rand" else 1)
+
+    def losses(self):
+        return frozenset().union(*(m.losses() for m in self.members()))
 
     def members(self) -> list[Attack]:
+        from medaudit.plugins.attacks.fab import FAB, FABT, FABParams, FABTParams
+
         p: AutoAttackParams = self.params
-        return [
-            APGDCE(APGDParams(steps=p.apgd_steps)),
-            APGDT(APGDTParams(steps=p.apgd_steps, n_target_classes=p.n_target_classes)),
-            Square(SquareParams(queries=p.square_queries, rescale_schedule=False)),
-        ]
+        restarts = p.restarts or (5 if p.version == "plus" else 1)
+        apgd_params = dict(steps=p.apgd_steps, eot_samples=self.eot_samples())
+        make = {
+            "apgd-ce": lambda: APGDCE(APGDParams(restarts=restarts, **apgd_params)),
+            "apgd-dlr": lambda: APGDDLR(APGDParams(restarts=restarts, **apgd_params)),
+            "apgd-t": lambda: APGDT(APGDTParams(n_target_classes=p.n_target_classes, **apgd_params)),
+            "fab": lambda: FAB(FABParams(steps=p.fab_steps, restarts=restarts)),
+            "fab-t": lambda: FABT(FABTParams(steps=p.fab_steps, n_target_classes=p.n_target_classes)),
+            "square": lambda: Square(SquareParams(queries=p.square_queries, rescale_schedule=False)),
+        }
+        return [make[name]() for name in self.member_names()]
 
     def perturb(self, model, x, y, *, eps, norm, generator):
         if eps == 0:
@@ -348,7 +425,8 @@ class AutoAttack(Attack):
             idx = robust.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            x_adv = attack.perturb(model, x[idx], y[idx], eps=eps, norm=norm, generator=generator)
+            x_adv = AttackOutcome.of(attack.perturb(model, x[idx], y[idx], eps=eps, norm=norm,
+                                                    generator=generator)).adversarial
             with torch.no_grad():
                 fooled = model(x_adv).argmax(1) != y[idx]
             out[idx[fooled]] = x_adv[fooled]
@@ -359,6 +437,7 @@ class AutoAttack(Attack):
 @hookimpl
 def register_attacks(register):
     register(APGDCE)
+    register(APGDDLR)
     register(APGDT)
     register(Square)
     register(AutoAttack)

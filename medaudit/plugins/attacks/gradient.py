@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
-from medaudit.core.components import Attack, AttackFamily, Norm, Params, Task
+from medaudit.core.components import CROSS_ENTROPY, Attack, AttackFamily, Norm, Params, Task
 from medaudit.core.perturbation import WorstIterate, ascent_step, input_gradient, project, random_start
 
 
@@ -42,6 +42,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     family = AttackFamily.SINGLE_STEP
+    loss_kinds = frozenset({CROSS_ENTROPY})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
@@ -79,6 +80,7 @@ class PGD(Attack):
 
     name = "pgd"
     family = AttackFamily.ITERATIVE
+    loss_kinds = frozenset({CROSS_ENTROPY})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
@@ -192,6 +194,7 @@ class BIM(Attack):
 
     name = "bim"
     family = AttackFamily.ITERATIVE
+    loss_kinds = frozenset({CROSS_ENTROPY})
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
@@ -234,6 +237,7 @@ class MIFGSM(Attack):
 
     name = "mifgsm"
     family = AttackFamily.ITERATIVE
+    loss_kinds = frozenset({CROSS_ENTROPY})
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2, 3})
@@ -282,6 +286,7 @@ class TIFGSM(Attack):
 
     name = "tifgsm"
     family = AttackFamily.TRANSFER
+    loss_kinds = frozenset({CROSS_ENTROPY})
     tasks = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
     norms = frozenset({Norm.LINF, Norm.L2})
     dims = frozenset({2})

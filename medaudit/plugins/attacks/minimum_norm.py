@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.components import AttackFamily, MinimumNormAttack, Norm, Params
+from medaudit.core.components import MARGIN, AttackFamily, MinimumNormAttack, Norm, Params
 from medaudit.core.perturbation import margin, per_sample_l2
 
 
@@ -37,6 +37,7 @@ class DeepFool(MinimumNormAttack):
 
     name = "deepfool"
     family = AttackFamily.MINIMUM_NORM
+    loss_kinds = frozenset({MARGIN})
     norms = frozenset({Norm.L2, Norm.LINF})
     dims = frozenset({2, 3})
     Params = DeepFoolParams
@@ -98,6 +99,7 @@ class CarliniWagnerL2(MinimumNormAttack):
 
     name = "cw"
     family = AttackFamily.MINIMUM_NORM
+    loss_kinds = frozenset({MARGIN})
     norms = frozenset({Norm.L2})
     dims = frozenset({2, 3})
     Params = CWParams

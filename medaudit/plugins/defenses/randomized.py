@@ -107,6 +107,7 @@ class RandomResizePad(Defense):
     tasks = frozenset({Task.CLASSIFICATION})
     views = {"eot": "EOT (Athalye et al. 2018): logits averaged over eot_samples draws of the random transform, "
                     "so the gradient is the average over draws"}
+    averaging_views = frozenset({"eot"})
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
         p: RandomResizePadParams = self.params

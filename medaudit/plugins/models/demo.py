@@ -43,6 +43,13 @@ class DemoParams(Params):
     train_size: int = Field(640, ge=32, le=100_000, description="Number of training slices.")
     epochs: int = Field(10, ge=1, le=200)
     seed: int = Field(0, ge=0, description="Seed of the training data and the initialisation.")
+    noise_sigma: float = Field(
+        0.0, ge=0, le=1, description="Gaussian noise (standard deviation, image in [0, 1]) added to every training "
+        "image, unclamped: the base classifier randomized smoothing needs (Cohen et al. 2019). 0: none.")
+
+    def training_config(self) -> dict:
+        """What the trained weights depend on (the cache key); no noise keeps the key it always had."""
+        return self.model_dump(exclude={"noise_sigma"} if self.noise_sigma == 0 else set())
 
 
 def _timm_params(p: DemoParams, checkpoint: Path | None) -> TimmParams:
@@ -71,7 +78,10 @@ def train_demo(p: DemoParams, path: Path) -> None:
         order = torch.randperm(p.train_size, generator=g)
         for start in range(0, p.train_size, 64):
             idx = order[start : start + 64]
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            batch = x[idx]
+            if p.noise_sigma > 0:
+                batch = batch + p.noise_sigma * torch.randn(batch.shape, generator=g)
+            loss = torch.nn.functional.cross_entropy(model(batch), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -88,7 +98,7 @@ class DemoModel(ModelLoader):
     Params = DemoParams
 
     def checkpoint_path(self) -> Path:
-        return cached_checkpoint(f"demo-{self.params.arch}", self.params.model_dump())
+        return cached_checkpoint(f"demo-{self.params.arch}", self.params.training_config())
 
     def load(self, task: Task) -> LoadedModel:
         path = self.checkpoint_path()

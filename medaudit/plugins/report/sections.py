@@ -1,4 +1,4 @@
-"""Report sections: cover, summary, scope, system, data, methods, results, subgroups, shift, defenses, validity, limitations, reproducibility, standards.
+"""Report sections: cover, summary, scope, system, data, methods, results, subgroups, shift, defenses, certified, validity, limitations, reproducibility, standards.
 
 The built-in sections, registered through the same hook a vendor plugin uses; their
 templates are in ``medaudit/reports/templates/sections``.
@@ -258,6 +258,14 @@ def spec_attack(row: dict) -> str:
     return row.get("spec_attack", row["attack"])
 
 
+class Certified(ReportSection):
+    """Formal / certified results (the guide's section 11, ISO/IEC 24029-2): each certifying
+    defense's method, settings, caveats and certified accuracy by radius. Shown only when a
+    defense certified."""
+
+    name, title, order, template = "certified", "Formal / certified results", 85, "sections/certified.html.j2"
+
+
 class Validity(ReportSection):
     """Checks that the evaluation itself is sound."""
 
@@ -340,7 +348,10 @@ CROSS_REFERENCE = [
     ("shift", "GMLP principle 8 (clinically relevant conditions); EU AI Act Art. 15(4) errors, faults and "
               "inconsistencies; ISO/IEC TR 24029-1 Annex A (data perturbation); Carlini et al. 2019 item 16"),
     ("defenses", "Carlini et al. 2019 items 2, 12, 13 and 20; ATLAS AML.M0003, AML.M0010, AML.M0015"),
-    ("validity", "Carlini et al. 2019 evaluation checklist; AutoAttack flags; RobustBench model restrictions"),
+    ("certified", "ISO/IEC 24029-2 (formal methods: property, domain, soundness and completeness of the "
+                  "method); Carlini et al. 2019 item 17 (provable lower bounds)"),
+    ("validity", "Carlini et al. 2019 evaluation checklist (items C1-C18 automated); AutoAttack flags; RobustBench "
+                 "model restrictions"),
     ("limitations", "Model Cards caveats; GMLP principle 9; ISO 14971 and AAMI TIR34971 (findings feed the "
                     "manufacturer's risk file through each criterion's risk reference)"),
     ("reproducibility", "PyTorch reproducibility notes; FDA premarket cybersecurity guidance (software bill of "
@@ -356,12 +367,13 @@ class Standards(ReportSection):
     def context(self, results: dict) -> dict[str, Any]:
         shifted = any(r.get("corruption") for r in results["rows"])
         shown = [(id, refs) for id, refs in CROSS_REFERENCE
-                 if (id != "subgroups" or results.get("subgroups")) and (id != "shift" or shifted)]
+                 if (id != "subgroups" or results.get("subgroups")) and (id != "shift" or shifted)
+                 and (id != "certified" or results.get("certified"))]
         return {"cross_reference": shown, "titles": {cls.name: cls.title for cls in BUILT_IN}}
 
 
-BUILT_IN = (Cover, Summary, Scope, SystemUnderTest, EvaluationData, Methods, Results, Subgroups, Shift, Defenses, Validity,
-            Limitations, Reproducibility, Standards)
+BUILT_IN = (Cover, Summary, Scope, SystemUnderTest, EvaluationData, Methods, Results, Subgroups, Shift, Defenses, Certified,
+            Validity, Limitations, Reproducibility, Standards)
 
 
 @hookimpl

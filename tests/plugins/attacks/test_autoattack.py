@@ -18,7 +18,12 @@ ATTACKS = [
     ("apgd-ce-restarts", lambda: aa.APGDCE(aa.APGDParams(steps=3, restarts=2))),
     ("apgd-t", lambda: aa.APGDT(aa.APGDTParams(steps=5))),
     ("square", lambda: aa.Square(aa.SquareParams(queries=30))),
-    ("autoattack", lambda: aa.AutoAttack(aa.AutoAttackParams(apgd_steps=3, square_queries=20))),
+    ("apgd-dlr", lambda: aa.APGDDLR(aa.APGDParams(steps=5))),
+    ("apgd-ce-eot", lambda: aa.APGDCE(aa.APGDParams(steps=3, eot_samples=2))),
+    ("autoattack", lambda: aa.AutoAttack(aa.AutoAttackParams(apgd_steps=3, fab_steps=3, square_queries=20))),
+    ("autoattack-plus", lambda: aa.AutoAttack(aa.AutoAttackParams(version="plus", apgd_steps=2, fab_steps=2,
+                                                                  square_queries=10, restarts=2))),
+    ("autoattack-rand", lambda: aa.AutoAttack(aa.AutoAttackParams(version="rand", apgd_steps=3, eot_samples=2))),
 ]
 NORMS = [(Norm.LINF, 8 / 255), (Norm.L2, 0.5)]
 
@@ -75,7 +80,7 @@ def test_budget_holds_on_3d_volumes_with_three_classes(name, make, norm, eps):
     x = torch.rand(6, 1, 6, 10, 10, generator=torch.Generator().manual_seed(1))
     y = model(x).argmax(1)
     # autoattack returns the clean input of the samples it cannot break (all of them here)
-    check_budget(run(make(), model, x, y, eps, norm), x, eps, norm, moved=name != "autoattack")
+    check_budget(run(make(), model, x, y, eps, norm), x, eps, norm, moved=not name.startswith("autoattack"))
 
 
 @pytest.mark.parametrize("name,make", ATTACKS)
@@ -122,6 +127,64 @@ def test_targeted_loss_is_dlr_with_enough_classes_and_the_margin_with_two():
     assert apgd_lib.targeted_loss(3 * two, torch.tensor([1, 0]), torch.tensor([0, 1])).tolist() == [-9.0, -7.5]
 
 
+def test_dlr_loss_is_the_scale_free_negative_margin_and_the_margin_with_two_classes():
+    z, y = torch.tensor([[1.0, 4.0, 2.0, 0.0]]), torch.tensor([1])
+    # -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3) = -(4 - 2) / (4 - 1)
+    assert apgd_lib.dlr_loss(z, y).item() == pytest.approx(-2 / 3)
+    assert apgd_lib.dlr_loss(3 * z + 5, y).item() == pytest.approx(-2 / 3)
+    two = torch.tensor([[1.0, 4.0]])
+    assert apgd_lib.dlr_loss(two, torch.tensor([1])).item() == -3.0 and apgd_lib.dlr_loss(two, torch.tensor([0])).item() == 3.0
+
+
+def test_eot_averages_every_gradient_over_that_many_forward_passes(demo_model, demo_data):
+    x, y = demo_data.images[:4], demo_data.labels[:4]
+    calls = {}
+    for draws in (1, 3):
+        counter = CallCounter(demo_model.module)
+        run(aa.APGDCE(aa.APGDParams(steps=4, eot_samples=draws)), counter, x, y, 1 / 255)
+        calls[draws] = counter.samples
+    assert calls[3] == 3 * calls[1] == 3 * 4 * (4 + 1)  # the start and each step, each over 3 draws
+
+
+def test_eot_on_a_randomised_model_averages_out_its_noise():
+    """A linear model whose gradient carries large zero-mean noise on every pass: one draw's
+    gradient points nowhere, the mean over many draws points at the boundary."""
+    torch.manual_seed(0)
+    w = torch.randn(1, 64)
+
+    class NoisyGradient(torch.nn.Module):
+        def forward(self, x):
+            flat = x.flatten(1)
+            noise = torch.randn(1, 64) * 8
+            # Centred on the boundary at x = 0.5; the noise changes the gradient, not the value.
+            score = flat @ w.T - 0.5 * w.sum() + (flat - flat.detach()) @ noise.T
+            return torch.cat([score, -score], 1)
+
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    model = NoisyGradient()
+    y = model(x).argmax(1)
+    robust = {}
+    for draws in (1, 64):
+        x_adv = run(aa.APGDCE(aa.APGDParams(steps=20, eot_samples=draws)), model, x, y, 0.1)
+        robust[draws] = float((model(x_adv).argmax(1) == y).float().mean())
+    assert robust[64] < robust[1] - 0.3, robust  # measured: 0.56 with one draw, 0.09 with 64
+
+
+def test_versions_run_the_reference_members_and_custom_needs_its_list():
+    names = {v: [m.name for m in aa.AutoAttack(aa.AutoAttackParams(version=v)).members()] for v in aa.VERSIONS}
+    assert names == {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                     "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
+                     "rand": ["apgd-ce", "apgd-dlr"]}
+    plus = aa.AutoAttack(aa.AutoAttackParams(version="plus")).members()
+    assert plus[0].params.restarts == 5 and plus[2].params.restarts == 5 and plus[4].params.restarts == 1
+    custom = aa.AutoAttack(aa.AutoAttackParams(version="custom", attacks=["square", "apgd-ce"]))
+    assert [m.name for m in custom.members()] == ["square", "apgd-ce"]
+    with pytest.raises(ValueError, match="version custom needs"):
+        aa.AutoAttackParams(version="custom")
+    with pytest.raises(ValueError, match="is for version custom"):
+        aa.AutoAttackParams(attacks=["square"])
+
+
 @pytest.fixture(scope="module")
 def strength(demo_model, demo_data):
     """Robust flags per sample at eps = 1/255 (20 steps, 100 Square queries) on 32 images."""
@@ -132,7 +195,7 @@ def strength(demo_model, demo_data):
         "apgd-ce": aa.APGDCE(aa.APGDParams(steps=20)),
         "apgd-t": aa.APGDT(aa.APGDTParams(steps=20)),
         "square": aa.Square(aa.SquareParams(queries=100)),
-        "autoattack": aa.AutoAttack(aa.AutoAttackParams(apgd_steps=20, square_queries=100)),
+        "autoattack": aa.AutoAttack(aa.AutoAttackParams(apgd_steps=20, fab_steps=20, square_queries=100)),
     }
     flags = {name: correct(model, run(a, model, x, y, 1 / 255), y) for name, a in attacks.items()}
     return dict(flags, clean=correct(model, x, y))

@@ -223,9 +223,13 @@ CASES = {
     "tifgsm": Case("tifgsm", lambda s: {"steps": s}),
     "apgd-ce": Case("apgd-ce", lambda s: {"steps": s, "restarts": 2}, steps=5),
     "apgd-t": Case("apgd-t", lambda s: {"steps": s}, steps=5),
+    "apgd-dlr": Case("apgd-dlr", lambda s: {"steps": s, "eot_samples": 2}, steps=5),
+    "fab": Case("fab", lambda s: {"steps": s, "restarts": 2}),
+    "fab-l2": Case("fab", lambda s: {"steps": s}, norm=Norm.L2, eps=0.5),
+    "fab-t": Case("fab-t", lambda s: {"steps": s}),
     "square": Case("square", lambda s: {"queries": s, "early_exit": False}, steps=4),  # the early exit syncs
     "square-l2": Case("square", lambda s: {"queries": s, "early_exit": False}, norm=Norm.L2, eps=0.5, steps=4),
-    "autoattack": Case("autoattack", lambda s: {"apgd_steps": s, "square_queries": 3}, steps=5),
+    "autoattack": Case("autoattack", lambda s: {"apgd_steps": s, "fab_steps": s, "square_queries": 3}, steps=5),
     "cw": Case("cw", lambda s: {"steps": s, "search_steps": 2}, norm=Norm.L2, eps=0.5),
     # uap's steps are its mini-batches: halving the batch doubles them; one documented sync per pass.
     "uap": Case("uap", lambda s: {"batch_size": 8 // s, "max_passes": 2, "target_fooling_rate": 1.0}, steps=2),
