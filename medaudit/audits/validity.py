@@ -25,7 +25,7 @@ from medaudit.audits.records import has_nonfinite_output
 from medaudit.core.components import CROSS_ENTROPY, MARGIN, AttackFamily, Facet, Norm, Task
 from medaudit.core.host import Host
 from medaudit.core.jobs import NAIVE, Job
-from medaudit.core.spec import WORST_CASE, Spec, epsilon_label
+from medaudit.core.spec import NO_DEFENSE, WORST_CASE, Spec, epsilon_label
 from medaudit.core.tasks import protocol
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
@@ -75,7 +75,7 @@ def validity_checks(
             if m0 and m1 and m0.get("value") is not None and m1.get("value") is not None and exceeds(m1, m0):
                 bumps.append(f"{defense}: {m0['value']:.3f} at {e0} -> {m1['value']:.3f} at {e1}")
     if headline in spec.metrics:
-        clean_value = ((clean or {}).get(NAIVE_MODEL, {}).get(clean_headline) or {}).get("value")
+        clean_value = ((clean or {}).get(NO_DEFENSE, {}).get(clean_headline) or {}).get("value")
         checks += attack_strength_checks(spec, host, jobs, rows, headline, attacks, clean_value)
         checks.append(
             {
@@ -93,8 +93,8 @@ def validity_checks(
         checks += model_checks(probe)
     if soundness is not None:
         behaviour = soundness.get("behaviour", {})
-        if probe is not None and probe.get("randomized") and NAIVE_MODEL in behaviour:
-            behaviour = {**behaviour, NAIVE_MODEL: {**behaviour[NAIVE_MODEL], "randomized": True}}
+        if probe is not None and probe.get("randomized") and NO_DEFENSE in behaviour:
+            behaviour = {**behaviour, NO_DEFENSE: {**behaviour[NO_DEFENSE], "randomized": True}}
         checks.append(logits_check(behaviour))
         checks.append(randomness_check(spec, jobs, behaviour, attacks or {}, averaging_views or {}))
         checks.append(dynamic_check(behaviour))
@@ -104,10 +104,6 @@ def validity_checks(
     if gradient_health:
         checks.append(gradient_check(gradient_health))
     return checks
-
-
-#: The undefended model's label (results' ``defense`` of its rows).
-NAIVE_MODEL = "none"
 
 
 def exceeds(high: dict, low: dict) -> bool:
@@ -493,7 +489,7 @@ def twin_check(spec: Spec, rows: list[dict], headline: str, clean_value: float |
     likelier broken than the defense strong."""
     top = max(spec.threat_model.epsilons)
     robust = {r["attack"]: (r["metrics"].get(headline) or {}).get("value") for r in rows
-              if r["defense"] == NAIVE_MODEL and r["epsilon"] == top}
+              if r["defense"] == NO_DEFENSE and r["epsilon"] == top}
     weak, fine = [], []
     for label, job in sorted(by_label.items()):
         if family[label] in WHITE_BOX and job.view == NAIVE and robust.get(label) is not None and clean_value:

@@ -142,11 +142,13 @@ def test_report_renders_in_chromium(run_dir, driver):
     assert verdict.is_displayed() and verdict.text in {"PASS", "FAIL", "INCONCLUSIVE", "INVALID", "NOT ASSESSED"}
 
     # Every section the host registers for classification is in the page, with a heading (the
-    # subgroup section only where the data set gives covariates).
+    # subgroup section only where the data set gives covariates, the certified one only where a
+    # defense certified).
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     sections = [cls for cls in get_host().components["report_section"].values() if Task.CLASSIFICATION in cls.tasks
                 and (cls.name != "subgroups" or results.get("subgroups"))
-                and (cls.name != "shift" or any(r.get("corruption") for r in results["rows"]))]
+                and (cls.name != "shift" or any(r.get("corruption") for r in results["rows"]))
+                and (cls.name != "certified" or results.get("certified"))]
     assert sections
     for cls in sections:
         found = driver.find_elements(By.ID, cls.name)
