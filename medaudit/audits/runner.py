@@ -376,29 +376,21 @@ class Runner:
         _, x, _ = next(self.data.batches(0, n, n, task=spec.task))
         found: dict[str, Any] = {"behaviour": model_behaviour(self.models, x.to(self.device))}
         if spec.task is Task.CLASSIFICATION:
-            found["noise"] = self._noise_baseline(computed["records"])
-            found["convergence"] = self._convergence(computed)
+            options = spec.validity
+            n = min(max(options.noise_cases, options.convergence_cases), len(self.data))
+            x, y = self._first_cases(n) if n else (None, None)  # read once for both re-runs
+            k = min(options.noise_cases, n)
+            found["noise"] = noise_baseline(self.models, self.jobs, computed["records"], x[:k], y[:k],
+                                            self.data.case_ids[:k], spec, self.batch_size) if k else {}
+            k = min(options.convergence_cases, n)
+            found["convergence"] = convergence(self.models, self.jobs, computed, self.attacks, self.protocol, x[:k],
+                                               y[:k], spec, self.batch_size) if k else {}
         found["seconds"] = round(time.perf_counter() - started, 3)
         return found
 
     def _first_cases(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [(x, y) for _, x, y in self.data.batches(0, n, self.batch_size, task=self.spec.task)]
         return torch.cat([x for x, _ in parts]).to(self.device), torch.cat([y for _, y in parts]).to(self.device)
-
-    def _noise_baseline(self, records: dict[str, list[dict]]) -> dict[str, dict]:
-        n = min(self.spec.validity.noise_cases, len(self.data))
-        if n == 0:
-            return {}
-        x, y = self._first_cases(n)
-        return noise_baseline(self.models, self.jobs, records, x, y, self.data.case_ids[:n], self.spec, self.batch_size)
-
-    def _convergence(self, computed: dict) -> dict[str, dict]:
-        n = min(self.spec.validity.convergence_cases, len(self.data))
-        if n == 0:
-            return {}
-        x, y = self._first_cases(n)
-        return convergence(self.models, self.jobs, computed, self.attacks, self.protocol, x, y, self.spec,
-                           self.batch_size)
 
     def _known_texts(self) -> dict[str, str]:
         """The texts of the outputs that are known once the data has loaded and will certainly

@@ -36,6 +36,8 @@ NOT_APPLICABLE = "N/A"
 BUDGET_TOLERANCE = 1e-5
 #: The gap between two estimates that counts when they carry no interval (methods.md 12's fallback).
 FALLBACK_TOLERANCE = 0.01
+#: How the evidence names the tolerance of :func:`exceeds`.
+BEYOND_NOISE = "beyond sampling noise (Newcombe interval on the difference)"
 #: Attack success on the undefended twin below which an attack looks broken (methods.md 12, C18).
 TWIN_SUCCESS = 0.95
 #: An L-inf budget at which any classifier should be nearly always fooled (methods.md 12, C17).
@@ -121,10 +123,6 @@ def exceeds(high: dict, low: dict) -> bool:
     return a - b > max(tolerance, 1e-12)
 
 
-def tolerance_note() -> str:
-    return "beyond sampling noise (Newcombe interval on the difference)"
-
-
 def chance_check(spec: Spec, clean: dict[str, dict], clean_headline: str, chance: float | None) -> dict:
     """C1: each model does better than chance on clean data, the share of the most frequent
     class (what always answering it scores). Gating where the clean accuracy's whole interval
@@ -170,7 +168,7 @@ def robust_below_clean_check(rows: list[dict], clean: dict[str, dict], headline:
     return {
         "id": "robust_not_above_clean", "ref": "C17", "title": f"{headline.replace('_', ' ').capitalize()} is not "
         f"above {clean_headline.replace('_', ' ')}", "status": FAIL if above else PASS, "gating": True,
-        "evidence": "; ".join(above) if above else f"every row is at most its model's clean value, {tolerance_note()}",
+        "evidence": "; ".join(above) if above else f"every row is at most its model's clean value, {BEYOND_NOISE}",
     }
 
 
@@ -422,7 +420,7 @@ def attack_strength_checks(spec: Spec, host: Host, jobs: list[Job], rows: list[d
     has_blackbox = bool(BLACK_BOX & families) and bool(WHITE_BOX & families)
     has_targeted = any(c.targeted for c in cls.values()) and any(
         not c.targeted and c.family in WHITE_BOX for c in cls.values())
-    noise = tolerance_note()
+    noise = BEYOND_NOISE
     checks = [
         _check("iterative_beats_single_step", "C4",
                f"Iterative attacks do at least as well as single-step ones ({label})",

@@ -23,15 +23,11 @@ from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import MARGIN, MinimumNormAttack, Norm, Params
+from medaudit.plugins.attacks._apgd import col
 
 #: Half of these radii is where a random restart starts for a sample with no adversarial
 #: found yet: the reference's defaults when it is given no epsilon.
 UNFOUND_RESTART_RADIUS = {Norm.LINF: 0.3, Norm.L2: 1.0}
-
-
-def _col(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample vector shaped to broadcast against ``like``."""
-    return t.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _size(delta: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -177,12 +173,12 @@ class FAB(MinimumNormAttack):
                 start = xs if restart == 0 else self._random_start(xs, best_size, norm, generator)
                 found, size = self._run(model, xs, ys, start, target, norm)
                 smaller = size < best_size
-                best_s = torch.where(_col(smaller, xs), found, best_s)
+                best_s = torch.where(col(smaller, xs), found, best_s)
                 best_size = torch.where(smaller, size, best_size)
         best[idx] = best_s
         with torch.no_grad():
             fooled = model(best).argmax(1) != y
-        return torch.where(_col(fooled, x), best, x)
+        return torch.where(col(fooled, x), best, x)
 
     @staticmethod
     def _random_start(x, best_size, norm, generator):
@@ -193,8 +189,8 @@ class FAB(MinimumNormAttack):
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
         else:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        noise = noise / _col(_size(noise, norm).clamp_min(1e-12), x)
-        return (x + _col(radius, x) * noise).clamp(0.0, 1.0)
+        noise = noise / col(_size(noise, norm).clamp_min(1e-12), x)
+        return (x + col(radius, x) * noise).clamp(0.0, 1.0)
 
     def _boundary(self, model, x_adv, y, target, norm):
         """The linearised boundary at ``x_adv``: per sample ``f = z_s - z_y`` (negative while
@@ -221,7 +217,7 @@ class FAB(MinimumNormAttack):
                     continue
                 closer = dist < best_dist
                 best_f = torch.where(closer, f, best_f)
-                best_grad = torch.where(_col(closer, grad), grad, best_grad)
+                best_grad = torch.where(col(closer, grad), grad, best_grad)
                 best_dist = torch.where(closer, dist, best_dist)
             return best_f, best_grad
 
