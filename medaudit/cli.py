@@ -137,6 +137,7 @@ def run(
     device: str | None, executor: str | None, ray_address: str | None, quiet: bool,
 ) -> None:
     """Run the audit described by SPEC and write its report."""
+    from medaudit.audits import history
     from medaudit.audits.plan import check_model_access
     from medaudit.audits.runner import Runner
     from medaudit.core.environment import require_torchvision
@@ -172,7 +173,7 @@ def run(
     with signals_interrupt():
         outcome = runner.run(resume_dir, run_dir=run_dir, force=force)
         write_reports(outcome.run_dir, outcome.results, host, spec.report.formats, runner.data.sensitive_values,
-                      runner.console)
+                      runner.console, history_index=history.index_path(spec.runtime.output_dir, spec.runtime.history))
     results = outcome.results
     for c in results["acceptance"]["criteria"]:
         advisory = " (advisory: does not change the verdict)" if c["severity"] == "advisory" else ""
@@ -236,9 +237,15 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--results", is_flag=True, help="Print the JSON Schema of results.json instead.")
 @handle_errors
-def schema() -> None:
-    """Print the JSON Schema of audit specs, with every registered plugin's params."""
+def schema(results: bool) -> None:
+    """Print the JSON Schema of audit specs, with every registered plugin's params (--results: of results.json)."""
+    if results:
+        from medaudit.audits.results_schema import results_json_schema
+
+        click.echo(json.dumps(results_json_schema(), indent=2))
+        return
     from medaudit.core.spec import spec_json_schema
 
     click.echo(json.dumps(spec_json_schema(_host()), indent=2))
@@ -281,6 +288,67 @@ def report(run_dir: Path, pdf: bool) -> None:
     click.echo(f"report: {path}")
     if pdf:
         click.echo(f"pdf: {write_pdf(run_dir)}")
+
+
+@cli.command()
+@click.argument("run_a", metavar="RUN_A")
+@click.argument("run_b", metavar="RUN_B")
+@click.option("-o", "--output-dir", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for comparison.json and comparison.html (default: RUN_B/comparison).")
+@click.option("--confidence", type=click.FloatRange(0.5, 1, min_open=True, max_open=True), default=0.95, show_default=True,
+              help="Confidence level of the intervals; a change is significant when p < 1 - confidence.")
+@click.option("--index", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs") / "history.sqlite",
+              show_default=True, help="The history index that report ids and latest:<audit> are looked up in.")
+@handle_errors
+def compare(run_a: str, run_b: str, out_dir: Path | None, confidence: float, index: Path) -> None:
+    """Compare two finished runs, each a run directory, a report id or latest:<audit>: every
+    metric both report, B minus A with its interval, paired case by case when both saw the same data."""
+    from medaudit.audits.history import resolve_run
+    from medaudit.reports.compare import write_comparison
+
+    a, b = resolve_run(run_a, index), resolve_run(run_b, index)
+    _, html_path = write_comparison(a, b, out_dir or b / "comparison", _host(), confidence)
+    result = json.loads((html_path.parent / "comparison.json").read_text(encoding="utf-8"))
+    s = result["summary"]
+    pairing = "paired case by case" if result["paired"] else f"unpaired: {result['paired_reason']}"
+    click.echo(printable(f"{s['compared']} values compared, {s['tested']} tested ({pairing}): "
+                         f"{s['significant_worse']} significantly worse, {s['significant_better']} significantly better",
+                         one_line=True))
+    click.echo(printable(f"comparison: {html_path}"))
+
+
+@cli.command()
+@click.option("--index", "index", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs") / "history.sqlite",
+              show_default=True, help="The history index (runtime.history under runtime.output_dir).")
+@click.option("--audit", help="Only this audit's runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as a JSON list (for scripts and CI).")
+@click.option("--rebuild", "rebuild_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="First index every finished run directory under this folder again (the index is only a cache of them).")
+@handle_errors
+def history(index: Path, audit: str | None, as_json: bool, rebuild_dir: Path | None) -> None:
+    """List the finished audits in the history index, oldest first."""
+    from medaudit.audits import history as audit_history
+
+    if rebuild_dir is not None:
+        count, skipped = audit_history.rebuild(rebuild_dir, index)
+        for line in skipped:
+            click.secho(printable(f"warning: left out {line}", one_line=True), fg="yellow", err=True)
+        click.echo(printable(f"indexed {count} runs from {rebuild_dir} in {index}"), err=True)
+    rows = audit_history.runs(index, audit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(printable(f"no runs{f' of {audit}' if audit else ''} in {index}"
+                             + ("" if index.is_file() else " (no index yet: run an audit, or --rebuild FOLDER)")))
+        return
+    for row in rows:
+        shown = [k for k in row["headline"] if "[none" in k]
+        shown = shown[:1] + [k for k in shown if "@" in k][-1:]  # clean, and the worst case at the largest budget
+        numbers = ", ".join(f"{k} {row['headline'][k]:.3f}" for k in shown if row["headline"][k] is not None)
+        click.echo(printable(f"{row['report_id']}  {row['finished'] or '?':<20}  {row['verdict'] or '?':<12} "
+                             f"{row['audit']}  {numbers}", one_line=True))
+        click.echo(printable(f"{'':<15} {row['run_dir']}", one_line=True))
 
 
 def main() -> None:

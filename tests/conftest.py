@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from medaudit.core.host import get_host
-
-#: The example's demo model (about ten seconds of training, once per test session).
-DEMO = {"image_size": 64, "train_size": 640, "epochs": 10, "seed": 0}
+from medaudit.testing import tiny
+# The demo models' configs live with their builders in medaudit.testing; tests import them from here too.
+from medaudit.testing.tiny import DEMO, DEMO_UNET_2D, DEMO_UNET_3D  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -39,39 +39,25 @@ def host():
 @pytest.fixture(scope="session")
 def demo_model():
     """The example's demo classifier, trained once per test session."""
-    from medaudit.core.components import Task
-    from medaudit.plugins.models.demo import DemoModel, DemoParams
-
-    return DemoModel(DemoParams(**DEMO)).load(Task.CLASSIFICATION)
-
-
-#: The segmentation examples' demo U-Nets (trained once per test session).
-DEMO_UNET_2D = {"dims": 2, "image_size": 64, "train_size": 512, "steps": 200, "seed": 0}
-DEMO_UNET_3D = {"dims": 3, "image_size": 32, "depth": 16, "train_size": 64, "steps": 100, "seed": 0}
+    return tiny.demo_model()
 
 
 @pytest.fixture(scope="session")
 def seg_model():
     """The 2D segmentation example's demo U-Net (smp, 5 phantom classes, 64 px)."""
-    from medaudit.core.components import Task
-    from medaudit.plugins.models.demo import DemoUNet, DemoUNetParams
-
-    return DemoUNet(DemoUNetParams(**DEMO_UNET_2D)).load(Task.SEGMENTATION)
+    return tiny.demo_unet(DEMO_UNET_2D)
 
 
 @pytest.fixture(scope="session")
 def seg_data():
     """32 phantom slices at 64 px with their 5-class masks."""
-    from medaudit.plugins.datasets.phantom import Phantom, PhantomParams
-
-    return Phantom(PhantomParams(n=32, size=64, seed=0)).load()
+    return tiny.phantom_data(n=32)
 
 
 @pytest.fixture(scope="session")
 def demo_data():
-    from medaudit.plugins.datasets.phantom import Phantom, PhantomParams
-
-    return Phantom(PhantomParams(n=96, size=64, seed=0)).load()
+    """96 phantom slices at 64 px, labelled normal or nodule."""
+    return tiny.phantom_data()
 
 
 def spec_text(**overrides: str) -> str:

@@ -3,7 +3,8 @@ plugin module says in its first docstring line what it registers.
 
 Layers, lowest first: ``medaudit.core`` (contracts, data, maths), then
 ``medaudit.plugins.<kind>`` (each kind on its own), ``medaudit.audits`` (plan, run,
-results) and ``medaudit.reports``, with ``medaudit.cli`` on top. Imports are read with
+results) and ``medaudit.reports``, with ``medaudit.cli`` and ``medaudit.api`` (the command line
+and its Python twin) and ``medaudit.testing`` (the vendor kit) on top. Imports are read with
 ``ast``, so imports inside functions and under ``TYPE_CHECKING`` count too.
 """
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import medaudit
-from medaudit.audits import rundir
+from medaudit.audits import history, rundir
 from medaudit.audits.figures import certified_figure, convergence_figure, task_figures
 from medaudit.audits.plan import check_model_access, plan_jobs
 from medaudit.audits.records import (
@@ -30,6 +30,7 @@ from medaudit.audits.execute import Session, Sink, execute, model_frame, view_mo
 from medaudit.audits.aggregation import corruption_errors
 from medaudit.audits.certification import certify_defenses
 from medaudit.audits.soundness import convergence, model_behaviour, noise_baseline
+from medaudit.audits.results_schema import SCHEMA_VERSION
 from medaudit.audits.results import acceptance, compute_metric, compute_results, validity_checks
 from medaudit.core.components import NO_SCREEN, Access, Facet, LoadedData, LoadedModel, Task, component_info
 from medaudit.core.data import check_data_fits, class_summary, summarise
@@ -45,9 +46,6 @@ from medaudit.core.tasks import protocol
 from medaudit.core.privacy import refuse_leaks
 from medaudit.core.probes import FeatureTap
 from medaudit.core.spec import NO_DEFENSE, Spec, epsilon_label
-
-SCHEMA_VERSION = 1
-
 
 class Interrupted(MedauditError):
     exit_code = ExitCode.INTERRUPTED
@@ -498,7 +496,7 @@ class Runner:
                                  clean=computed["clean"], soundness=soundness, chance=self._chance(),
                                  averaging_views={ref.label: host.get("defense", ref.name).averaging_views
                                                   for ref in spec.defenses})
-        accepted = acceptance(spec, host, computed, checks)
+        accepted = acceptance(spec, host, computed, checks, run_dir=self.run_dir)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
         usage = {e["job"]: {k: e[k] for k in ("batch_size", "gpu_memory_peak_mib", "gpu_utilisation_percent") if k in e}
@@ -511,6 +509,7 @@ class Runner:
         if soundness.get("convergence"):
             figures.append(convergence_figure(soundness["convergence"], self.run_dir / "figures" / "convergence.png"))
         figures = [f for f in figures if f is not None]
+        started = next((e["at"] for e in timeline if e["event"] == "start"), None)
         return {
             "schema_version": SCHEMA_VERSION,
             "medaudit_version": medaudit.__version__,
@@ -519,8 +518,9 @@ class Runner:
                 "title": spec.title(),
                 "description": spec.audit.description,
                 "task": spec.task.value,
-                "started": next((e["at"] for e in timeline if e["event"] == "start"), None),
+                "started": started,
                 "finished": rundir.utc_now(),
+                "report_id": history.report_id(spec.audit.name, started, self.fingerprints, self.run_dir.name),
             },
             "intended_use": spec.intended_use.model_dump(mode="json"),
             "verdict": accepted["verdict"],

@@ -222,6 +222,84 @@ class Criterion(_Section):
     risk_ref: str | None = Field(None, description="Reference into the manufacturer's risk file.")
 
 
+def is_run_reference(text: str) -> bool:
+    """Does a regression baseline name a run by report id (``MA-`` and hex digits, as
+    `medaudit history` lists them) or as ``latest:<audit>``, rather than by its folder?"""
+    ident = text.removeprefix("MA-")
+    return text.startswith("latest:") or (text.startswith("MA-") and len(ident) >= 8
+                                           and all(ch in "0123456789abcdefABCDEF" for ch in ident))
+
+
+class Regression(_Section):
+    """A regression gate: the metric must not drop significantly, by more than ``max_drop``,
+    from its value in an earlier run (the baseline) of the same audit.
+
+    The drop is the baseline's value minus this run's for a metric where higher is better
+    (the other way round where lower is). FAIL when the drop exceeds ``max_drop`` and the
+    change is significant at ``acceptance.confidence`` (exact McNemar or paired bootstrap
+    when both runs evaluated the same data, else an unpaired test); PASS otherwise;
+    INCONCLUSIVE when the baseline or its value cannot be found at run time.
+    """
+
+    id: str | None = Field(
+        None, description="Identifier in the report and junit.xml; default REG-01, REG-02... in order.")
+    description: str = ""
+    baseline: str = Field(
+        min_length=1,
+        description="The earlier run: its run directory (relative to the spec's folder), a report id as `medaudit "
+        "history` lists it (MA-...), or latest:<audit name> for that audit's newest run in the history index.",
+    )
+    metric: str = Field(description="Name of a registered metric, in the spec's 'metrics' list.")
+    attack: str = Field(
+        WORST_CASE, description="An attack label, or 'worst_case' over the attacks bounded by the norm.")
+    defense: str = Field(NO_DEFENSE, description="A defense label, or 'none' for the undefended model.")
+    epsilon: Epsilon | None = Field(
+        None, description="The budget judged; default: every budget of the attack (one verdict each, ids "
+        "<id>@<budget>). Not for clean metrics.")
+    max_drop: float = Field(
+        ge=0, allow_inf_nan=False,
+        description="The largest drop tolerated, in the metric's unit (0.02: two points of accuracy).")
+    severity: Literal["blocking", "advisory"] = "blocking"
+    risk_ref: str | None = Field(None, description="Reference into the manufacturer's risk file.")
+
+    @field_validator("baseline")
+    @classmethod
+    def _finished_run(cls, value: str, info: ValidationInfo) -> str:
+        """A folder must hold a finished run (results.json); found relative to the spec's folder."""
+        if is_run_reference(value):
+            return value
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("base_dir")
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        if not (path / "results.json").is_file():
+            raise ValueError(f"no results.json in {path}: name a finished run directory, a report id (MA-...) "
+                             "or latest:<audit name>")
+        return str(path)
+
+    @model_validator(mode="after")
+    def _baseline_has_metric(self) -> "Regression":
+        """A baseline run directory must report the metric, for the defense."""
+        if is_run_reference(self.baseline):
+            return self
+        try:
+            results = json.loads((Path(self.baseline) / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {Path(self.baseline) / 'results.json'}: {exc}") from None
+        names = [m.get("name") for m in results.get("metrics") or []]
+        if self.metric not in names:
+            raise ValueError(f"the baseline run {self.baseline} has no metric {self.metric!r} (it has "
+                             f"{', '.join(map(str, names)) or 'none'})")
+        if self.defense not in (results.get("clean") or {}):
+            raise ValueError(f"the baseline run {self.baseline} has no defense {self.defense!r}")
+        return self
+
+
+def _as_list(value: Any) -> Any:
+    """One regression gate may be written without the list around it."""
+    return [value] if isinstance(value, dict) else value
+
+
 class Acceptance(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
     proportion_interval: Literal["wilson", "clopper-pearson"] = Field(
@@ -233,6 +311,52 @@ class Acceptance(_Section):
         "(bias-corrected and accelerated: better coverage when per-case values are skewed).",
     )
     criteria: list[Criterion] = Field(default_factory=list)
+    regression: Annotated[list[Regression], BeforeValidator(_as_list)] = Field(
+        default_factory=list,
+        description="Regression gates against earlier runs: one entry or a list. Each FAILs when its metric dropped "
+        "by more than max_drop since the baseline run and the drop is significant (a paired test when both runs "
+        "share their data); they appear among the criteria of the results and junit.xml and drive the verdict "
+        "like criteria.",
+    )
+
+    @model_validator(mode="after")
+    def _regression_ids(self) -> "Acceptance":
+        """Default ids REG-01, REG-02... in order; no id shared with a criterion or another gate."""
+        for i, gate in enumerate(self.regression, 1):
+            if gate.id is None:
+                gate.id = f"REG-{i:02d}"
+        ids = [c.id for c in self.criteria]
+        for gate in self.regression:
+            if gate.id in ids:
+                raise ValueError(f"regression: id {gate.id!r} is already used by a criterion or another gate")
+            ids.append(gate.id)
+        return self
+
+
+def check_regressions(spec: "Spec", host: Host) -> list[tuple[tuple, str]]:
+    """The regression gates' references to the rest of the spec (metric, attack, defense,
+    epsilon) as (location, problem) pairs, for :func:`_check_references`."""
+    problems: list[tuple[tuple, str]] = []
+    attack_labels = [a.label for a in spec.attacks] + [WORST_CASE]
+    defense_labels = [NO_DEFENSE] + [d.label for d in spec.defenses]
+    for i, gate in enumerate(spec.acceptance.regression):
+        loc = ("acceptance", "regression", i)
+        metric = host.components["metric"].get(gate.metric)
+        if metric is None:
+            problems.append((loc + ("metric",), unknown_name_message("metric", gate.metric, host.components["metric"])))
+        elif gate.metric not in spec.metrics:
+            problems.append((loc + ("metric",), f"metric {gate.metric!r} is not in the spec's 'metrics' list"))
+        if gate.attack not in attack_labels:
+            problems.append((loc + ("attack",), unknown_name_message("attack", gate.attack, attack_labels)))
+        if gate.defense not in defense_labels:
+            problems.append((loc + ("defense",), unknown_name_message("defense", gate.defense, defense_labels)))
+        budget, levels = attack_levels(spec, host, gate.attack)
+        if gate.epsilon is not None and not any(abs(gate.epsilon - e) < 1e-12 for e in levels):
+            shown = f"{gate.epsilon:g}" if budget else epsilon_label(gate.epsilon, spec.threat_model.norm)
+            problems.append((loc + ("epsilon",), f"epsilon {shown} is not one of the budgets the attack runs at"))
+        if gate.epsilon is not None and metric is not None and metric.clean:
+            problems.append((loc + ("epsilon",), f"metric {gate.metric!r} is measured clean: drop 'epsilon'"))
+    return problems
 
 
 class ReportOptions(_Section):
@@ -285,6 +409,11 @@ class Runtime(_Section):
     batch_size: int = Field(64, ge=1, le=65536)
     seed: int = Field(0, ge=0, description="Seeds every random choice together with each job's id.")
     output_dir: Path = Field(Path("runs"), description="Run directories go under <output_dir>/<audit name>/.")
+    history: str = Field(
+        "history.sqlite", min_length=1,
+        description="The audit history index every finished run is added to (SQLite; relative to output_dir); "
+        "'off' keeps the run out of it. `medaudit history` lists it; it can be rebuilt from the run directories.",
+    )
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     workers: int = Field(
         0, ge=0, le=64,
@@ -406,7 +535,7 @@ class Spec(_Section):
         """sha256 of the resolved spec, ignoring where results are written and which executor runs the jobs
         (a run started locally may be resumed on Ray)."""
         data = self.model_dump(mode="json")
-        for where in ("output_dir", "executor", "ray"):  # where a run goes and runs, not what it computes
+        for where in ("output_dir", "history", "executor", "ray"):  # where a run goes and runs, not what it computes
             data["runtime"].pop(where, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -577,6 +706,8 @@ def _check_references(source: Source, spec: Spec, host: Host, problems: list[str
         if cid in ids[:i]:
             loc = ("acceptance", "criteria", i, "id")
             problems.append(f"{source.where(loc)}: {format_loc(loc)}: criterion id {cid!r} is used twice")
+    for loc, problem in check_regressions(spec, host):
+        problems.append(f"{source.where(loc)}: {format_loc(loc)}: {problem}")
 
 
 def attack_levels(spec: Spec, host: Host, label: str) -> tuple[Budget | None, list[float]]:

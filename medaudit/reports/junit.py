@@ -24,7 +24,21 @@ from medaudit.core.spec import WORST_CASE
 from medaudit.core.text import printable
 
 
+def _regression_text(c: dict) -> str:
+    """A regression gate: the metric's drop from the baseline run against ``max_drop``, and the test's verdict."""
+    scope = f"defense {c['defense']}"
+    if c.get("epsilon_label"):
+        scope += f", {c['attack']} at eps {c['epsilon_label']}"
+    baseline = c.get("baseline_report_id") or c.get("baseline_run") or c.get("baseline")
+    drop = "no estimate" if c.get("estimate") is None else f"drop {c['estimate']:.4g}" + (
+        f" [{c['ci_low']:.4g}, {c['ci_high']:.4g}]" if c.get("ci_low") is not None else "")
+    text = f"regression of {c['metric']} ({scope}) against baseline {baseline}: {drop}, max_drop {c['threshold']}"
+    return text + (f"; {c['reason']}" if c.get("reason") else "")
+
+
 def _criterion_text(c: dict) -> str:
+    if c.get("kind") == "regression":
+        return _regression_text(c)
     if c.get("epsilon_label"):
         where = f"{c['metric']} ({c['attack']}, defense {c['defense']}) at eps {c['epsilon_label']}"
     else:

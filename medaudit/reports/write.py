@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from rich.console import Console
 
-from medaudit.audits import rundir
+from medaudit.audits import history, rundir
 from medaudit.core.errors import MedauditError
 from medaudit.core.host import Host
 from medaudit.core.privacy import refuse_leaks
@@ -33,9 +33,12 @@ def check_reports_possible(formats: Iterable[str]) -> None:
 
 
 def write_reports(run_dir: Path, results: dict[str, Any], host: Host, formats: Iterable[str],
-                  sensitive_values: Mapping[str, str] | None = None, console: Console | None = None) -> None:
+                  sensitive_values: Mapping[str, str] | None = None, console: Console | None = None,
+                  history_index: Path | None = None) -> None:
     """Write results.json and the reports of ``formats`` (html, junit, pdf) into ``run_dir``,
-    then log the run as finished and call the ``audit_finished`` hook.
+    then log the run as finished, add it to the audit history at ``history_index`` (when
+    given) and call the ``audit_finished`` hook. A history that cannot be written is a
+    warning: the run directory is the record, and ``medaudit history --rebuild`` indexes it.
 
     With ``sensitive_values`` (the data set's identifying values), nothing is written if
     any output, or any text file already in the run directory, holds one of them. A PDF
@@ -70,6 +73,13 @@ def write_reports(run_dir: Path, results: dict[str, Any], host: Host, formats: I
         if exc.errno not in rundir.NOT_WRITABLE:
             raise
         raise rundir.output_error(exc, run_dir) from None
+    if history_index is not None:
+        try:
+            history.record(results, run_dir, history_index)
+        except (MedauditError, OSError) as exc:
+            console.print(printable(f"warning: the run is not in the audit history ({exc}); add it later with: "
+                                    f"medaudit history --rebuild {run_dir.parent} --index {history_index}"),
+                          style="yellow", markup=False, highlight=False)
     host.pm.hook.audit_finished(results=results, run_dir=run_dir)
 
 
