@@ -37,17 +37,18 @@ class FragileParams(FGSMParams):
 
 class FragileFGSM(FGSM):
     """FGSM whose worker process dies (``os._exit``) the first time it attacks while the
-    marker file does not exist; it creates the marker first, so the retry succeeds."""
+    marker file does not exist; it creates the marker first, so the retry succeeds. Creating
+    it is atomic (O_EXCL): when both workers attack at once, exactly one dies."""
 
     name = "fgsm-fragile"
     Params = FragileParams
 
     def perturb(self, model, x, y, **kwargs):
-        marker = Path(self.params.marker)
-        if not marker.exists():
-            marker.touch()
-            os._exit(1)
-        return super().perturb(model, x, y, **kwargs)
+        try:
+            Path(self.params.marker).touch(exist_ok=False)
+        except FileExistsError:
+            return super().perturb(model, x, y, **kwargs)
+        os._exit(1)
 
 
 class FragilePlugin:
