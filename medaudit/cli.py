@@ -131,10 +131,14 @@ def printable_log_record(record: logging.LogRecord) -> bool:
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Override runtime.executor: ray shards the jobs over worker processes (GPUs, a cluster).")
 @click.option("--ray-address", help="Override runtime.ray.address (auto: the cluster started here with `ray start`; ray://host:port).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--dry-run", is_flag=True,
+              help="Load the model and data, plan the jobs and print each one's cases and estimated passes and time "
+                   "(from a short probe of every attack); runs no audit and writes nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @handle_errors
 def run(
     spec_path: Path, resume_dir: Path | None, output_dir: Path | None, run_dir: Path | None, force: bool,
-    device: str | None, executor: str | None, ray_address: str | None, quiet: bool,
+    device: str | None, executor: str | None, ray_address: str | None, quiet: bool, dry_run: bool, as_json: bool,
 ) -> None:
     """Run the audit described by SPEC and write its report."""
     from medaudit.audits import history
@@ -148,6 +152,10 @@ def run(
         raise MedauditError("--resume and --run-dir exclude each other: --resume already names the run directory")
     if force and run_dir is None:
         raise MedauditError("--force only applies with --run-dir (a new stamped run directory never overwrites anything)")
+    if as_json and not dry_run:
+        raise MedauditError("--json only applies with --dry-run")
+    if dry_run and resume_dir is not None:
+        raise MedauditError("--dry-run plans a new run; it does not apply with --resume")
     if run_dir is not None:
         from medaudit.audits.rundir import check_run_dir
 
@@ -168,6 +176,12 @@ def run(
     if overrides:
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update=overrides)})
     check_reports_possible(spec.report.formats)  # a missing browser stops the run now, not after the audit
+    if dry_run:
+        from medaudit.audits.dryrun import dry_run as plan_run, format_plan
+
+        plan = plan_run(spec, host)
+        click.echo(json.dumps(plan, indent=2) if as_json else printable(format_plan(plan)))
+        return
     command = shlex.join(["medaudit", *sys.argv[1:]])
     runner = Runner(spec, host, show_progress=not quiet, command=command)
     with signals_interrupt():

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
+from medaudit.core.lazy import torch
 
 
 def cache_dir() -> Path:

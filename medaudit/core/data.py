@@ -13,10 +13,9 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-import torch
-
 from medaudit.core.components import LoadedData, LoadedModel, Task
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import torch
 
 
 @dataclasses.dataclass

@@ -18,9 +18,8 @@ import abc
 
 import math
 
-import torch
-
 from medaudit.core.components import Norm
+from medaudit.core.lazy import torch
 
 
 def per_sample_l2(t: torch.Tensor) -> torch.Tensor:

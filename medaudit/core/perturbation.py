@@ -6,10 +6,8 @@ Images are in [0, 1]; every function keeps its result there.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from medaudit.core.components import Norm
+from medaudit.core.lazy import F, torch
 from medaudit.core.norms import norm_of, per_sample_l2  # noqa: F401  (per_sample_l2: re-exported for attacks)
 from medaudit.core.segmentation import dense_cross_entropy, dice_per_class, foreground_mean, is_dense, soft_dice_loss
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 
-import torch
 from pydantic import Field
 
 from medaudit.core.components import Params
+from medaudit.core.lazy import torch
 
 CLASS_NAMES = ["normal", "nodule"]
 MASK_CLASSES = ["background", "body", "lung", "bone", "nodule"]

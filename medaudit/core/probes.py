@@ -16,8 +16,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import torch
-from torch import nn
+from medaudit.core.lazy import nn, torch
 
 
 def last_layer(model: nn.Module, kind: type[nn.Module]) -> nn.Module | None:

@@ -6,8 +6,7 @@ severity's SSIM band and the SSIM a run records are the same measurement.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from medaudit.core.lazy import F, torch
 
 #: SSIM's Gaussian window (Wang et al. 2004): 11 samples per axis, sigma 1.5 (MONAI's SSIMMetric defaults).
 WINDOW, SIGMA = 11, 1.5

@@ -18,8 +18,7 @@ import math
 import warnings
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
+from medaudit.core.lazy import F, torch
 
 
 def is_dense(y: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from medaudit.core.lazy import torch
 
 
 def threshold_at_fpr(clean_scores: torch.Tensor, fpr: float = 0.05) -> torch.Tensor:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from medaudit.core.components import Params
+from medaudit.core.lazy import torch
 from medaudit.core.segmentation import dice_per_class, dilate, foreground_mean, one_hot
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import abc
 from typing import Any, Sequence
 
-import torch
-
 from medaudit.core.components import Facet, LoadedData, LoadedModel, Task
 from medaudit.core.jobs import Records
+from medaudit.core.lazy import torch
 from medaudit.core.segmentation import case_mean, dense_scores
 
 #: Shown for every audit with a rejecting defense (a detector).

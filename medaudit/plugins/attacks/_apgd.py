@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from medaudit.core.components import Norm
+from medaudit.core.lazy import torch
 from medaudit.core.perturbation import ascent_step, project, random_start
 
 #: ``objective(x_adv) -> (logits, per-sample loss, gradient of the summed loss)``.
-Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Objective = Callable[["torch.Tensor"], tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]
 
 
 def col(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ def checkpoints(steps: int) -> set[int]:
 
 #: ``score(logits, loss) -> per-sample score``: lower is better for the attacker; APGD
 #: returns, per sample, the first iterate that reached its lowest score.
-Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Score = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 def apgd_search(

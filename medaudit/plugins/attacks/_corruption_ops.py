@@ -22,8 +22,7 @@ import math
 import warnings
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
+from medaudit.core.lazy import F, torch
 
 
 @dataclasses.dataclass(frozen=True)

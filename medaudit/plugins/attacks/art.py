@@ -13,18 +13,18 @@ hot path.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
-import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Attack, AttackFamily, Norm, Params
+from medaudit.core.lazy import np, torch
 from medaudit.core.perturbation import project
 
 #: ART's names for our norms.
-ART_NORMS = {Norm.LINF: np.inf, Norm.L2: 2}
+ART_NORMS = {Norm.LINF: math.inf, Norm.L2: 2}
 
 
 def art_evasion_classes() -> dict[str, type]:

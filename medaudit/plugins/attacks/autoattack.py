@@ -19,14 +19,13 @@ from __future__ import annotations
 import math
 from typing import Callable, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import (
     CROSS_ENTROPY, MARGIN, Access, Attack, AttackFamily, AttackOutcome, Norm, Params,
 )
+from medaudit.core.lazy import F, torch
 from medaudit.core.perturbation import margin, per_sample_l2, project
 from medaudit.plugins.attacks._apgd import (
     apgd, col, dlr_loss, eot_objective, p_schedule, random_boxes, targeted_loss,

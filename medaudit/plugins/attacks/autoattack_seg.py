@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Literal
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Attack, AttackFamily, Norm, Params, Task
+from medaudit.core.lazy import torch
 from medaudit.core.perturbation import attacker_score, project
 from medaudit.core.segmentation import dense_cross_entropy
 from medaudit.plugins.attacks._apgd import apgd_search, col, p_schedule, random_boxes

@@ -31,11 +31,11 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, Attack, AttackFamily, AttackOutcome, Budget, Params, Task
+from medaudit.core.lazy import torch
 from medaudit.core.segmentation import dice_per_class, foreground_mean, is_dense
 from medaudit.plugins.attacks._corruption_ops import OPS, Op
 from medaudit.plugins.attacks._severities import SEVERITIES, TARGET_SSIM, severity_table

@@ -18,11 +18,11 @@ input shape (2D images and 3D volumes: every sample is flattened).
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import MARGIN, MinimumNormAttack, Norm, Params
+from medaudit.core.lazy import torch
 from medaudit.plugins.attacks._apgd import col
 
 #: Half of these radii is where a random restart starts for a sample with no adversarial

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import CROSS_ENTROPY, Attack, AttackFamily, Norm, Params, Task
+from medaudit.core.lazy import F, torch
 from medaudit.core.perturbation import WorstIterate, ascent_step, input_gradient, project, random_start
 
 
@@ -109,7 +108,7 @@ class PGD(Attack):
 
 
 #: Maps the current iterate and its input gradient to the next iterate.
-Update = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Update = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 def iterate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, update: Update) -> torch.Tensor:
@@ -129,8 +128,10 @@ def _per_sample_l1(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).abs().sum(1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
-def gaussian_kernel(size: int, sigma: float, channels: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """A ``channels x 1 x size x size`` Gaussian kernel summing to 1, for a depthwise conv2d."""
+def gaussian_kernel(size: int, sigma: float, channels: int, *, dtype=None, device=None) -> torch.Tensor:
+    """A ``channels x 1 x size x size`` Gaussian kernel summing to 1, for a depthwise conv2d
+    (``dtype`` None: float32)."""
+    dtype = torch.float32 if dtype is None else dtype
     t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = torch.outer(g, g)

@@ -9,11 +9,11 @@ of robust accuracy against epsilon (see :class:`~medaudit.core.components.Minimu
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import MARGIN, AttackFamily, MinimumNormAttack, Norm, Params
+from medaudit.core.lazy import torch
 from medaudit.core.perturbation import margin, per_sample_l2
 
 
@@ -30,9 +30,14 @@ class DeepFool(MinimumNormAttack):
     deep neural networks", CVPR 2016, https://arxiv.org/abs/1511.04599. Untargeted, white
     box (gradients), L2 and L-inf (the L-inf step uses the dual L1 norm, as in the paper's
     l_p variant). Defaults: 50 steps, overshoot 0.02, the 10 top classes (as ART's
-    ``nb_grads``). Each step costs one backward pass per candidate class; the loop stops
-    once every sample is fooled (one host synchronisation per step, for that check).
-    Any input shape (2D images and 3D volumes).
+    ``nb_grads``). Each step runs the model forward, and once backward per candidate
+    class, on the samples still classified correctly only: a sample leaves the loop once it
+    is fooled, with the perturbation that fooled it (as the reference implementations do),
+    and the loop stops once every sample is fooled (one host synchronisation per step, to
+    select the samples left). The result is that of stepping every sample on every step and
+    masking the fooled ones (earlier versions), in fewer model calls, except that a model's
+    floating-point results can differ in the last bits with the batch's size (on the demo
+    model: some adversarials by under 3e-8). Any input shape (2D images and 3D volumes).
     """
 
     name = "deepfool"
@@ -45,19 +50,24 @@ class DeepFool(MinimumNormAttack):
     def minimal(self, model, x, y, *, norm, generator):
         p: DeepFoolParams = self.params
         shape = (-1,) + (1,) * (x.dim() - 1)
-        r_total = torch.zeros_like(x)
-        x_adv = x.clone()
+        r_total = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))  # the steps' precision
+        x_adv = x.detach().clone()
+        # The samples not seen fooled yet. A fooled sample's perturbation never changes again,
+        # so leaving it out of the later steps changes no result, only the model calls.
+        todo = torch.arange(x.shape[0], device=x.device)
         for _ in range(p.steps):
-            xg = x_adv.detach().requires_grad_(True)
+            xg = x_adv[todo].requires_grad_(True)
+            y_todo = y[todo]
             logits = model(xg).float()
-            active = logits.argmax(1) == y
-            if not bool(active.any()):
+            active = logits.argmax(1) == y_todo
+            still = todo[active]  # the one host sync per step
+            if len(still) == 0:
                 break
             k = min(p.candidates, logits.shape[1])
-            others = logits.scatter(1, y[:, None], float("-inf")).topk(k - 1, dim=1).indices
-            f_y = logits.gather(1, y[:, None]).squeeze(1)
+            others = logits.scatter(1, y_todo[:, None], float("-inf")).topk(k - 1, dim=1).indices
+            f_y = logits.gather(1, y_todo[:, None]).squeeze(1)
             best_dist = torch.full_like(f_y, float("inf"))
-            best_step = torch.zeros_like(x)
+            best_step = torch.zeros_like(xg)
             for j in range(k - 1):
                 f = logits.gather(1, others[:, j : j + 1]).squeeze(1) - f_y  # < 0 while correct
                 (w,) = torch.autograd.grad(f.sum(), xg, retain_graph=j < k - 2)
@@ -72,9 +82,12 @@ class DeepFool(MinimumNormAttack):
                 closer = dist < best_dist
                 best_dist = torch.where(closer, dist, best_dist)
                 best_step = torch.where(closer.view(shape), step, best_step)
-            r_total = r_total + torch.where(active.view(shape), best_step, torch.zeros_like(best_step))
-            x_adv = (x + (1 + p.overshoot) * r_total).clamp(0.0, 1.0).detach()
-        return x_adv
+            with torch.no_grad():
+                r_todo = r_total[todo] + torch.where(active.view(shape), best_step, torch.zeros_like(best_step))
+                r_total[todo] = r_todo
+                x_adv[todo] = (x[todo] + (1 + p.overshoot) * r_todo).clamp(0.0, 1.0)
+            todo = still
+        return x_adv.detach()
 
 
 class CWParams(Params):

@@ -14,11 +14,11 @@ not fooled yet (early stopping); the model runs under ``torch.no_grad()``.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, Attack, AttackFamily, Norm, Params
+from medaudit.core.lazy import torch
 from medaudit.core.norms import L0
 
 

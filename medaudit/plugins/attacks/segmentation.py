@@ -31,12 +31,11 @@ import logging
 import re
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Attack, AttackContext, AttackFamily, Norm, Params, Task
+from medaudit.core.lazy import F, torch
 from medaudit.core.perturbation import per_sample_l2, project
 from medaudit.core.segmentation import iou_per_class, one_hot, pixel_accuracy
 from medaudit.core.targets import TargetMask, TargetMaker

@@ -14,12 +14,12 @@ import logging
 import types
 from typing import Any, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Attack, AttackContext, AttackFamily, LoadedData, Norm, Params
 from medaudit.core.errors import DataError, MedauditError, SpecError
+from medaudit.core.lazy import torch
 from medaudit.core.perturbation import input_gradient, per_sample_l2
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ Written from the method description; no code was copied.
 
 Native torch, batched, on the model's device. Moments are computed in float64 and the
 result is cast back to the input's dtype. The model is only queried for its predicted label,
-under ``torch.no_grad()``; there is one host synchronisation per grid point (early exit).
+under ``torch.no_grad()``; there is one host synchronisation per grid point, to select the
+samples not fooled yet (only those are watermarked and queried; the search stops once all are).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import logging
 import math
 from functools import lru_cache
 
-import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, Attack, AttackFamily, Norm, Params
+from medaudit.core.lazy import torch
 from medaudit.core.perturbation import project
 from medaudit.core.quality import psnr, ssim
 
@@ -86,7 +87,7 @@ def _krawtchouk_cpu(n_points: int, p: float) -> torch.Tensor:
 
 
 def krawtchouk_matrix(
-    n_points: int, p: float = 0.5, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+    n_points: int, p: float = 0.5, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """The ``N x N`` matrix ``K[x, n] = Kbar_n(x; p, N - 1)`` of weighted (orthonormal)
     Krawtchouk polynomials, so that ``K.T @ K = I``.
@@ -103,7 +104,7 @@ def krawtchouk_matrix(
         raise ValueError("n_points must be positive")
     if not 0 < p < 1:
         raise ValueError("p must lie in (0, 1)")
-    return _krawtchouk_cpu(int(n_points), float(p)).to(device=device, dtype=dtype)
+    return _krawtchouk_cpu(int(n_points), float(p)).to(device=device, dtype=torch.float64 if dtype is None else dtype)
 
 
 def moments(img: torch.Tensor, k_rows: torch.Tensor, k_cols: torch.Tensor) -> torch.Tensor:
@@ -309,16 +310,19 @@ class Watermark(Attack):
         fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
         index = torch.full((n,), -1, dtype=torch.long, device=x.device)
         for i, (length, delta) in enumerate(self.grid):
-            marked = embed(x, bits[..., :length], keys[..., :length], delta, p_rows=p.p_rows, p_cols=p.p_cols)
-            cand = project(marked.clamp(0, 1).to(x.dtype), x, eps, norm)
-            newly = (model(cand).argmax(1) != y) & ~fooled
-            # Samples not fooled yet follow the grid, so they end on the strongest image.
-            keep = fooled.view(-1, 1, 1, 1)
-            out = torch.where(keep, out, cand)
-            index = torch.where(newly, torch.full_like(index, i), index)
-            fooled |= newly
-            if bool(fooled.all()):  # one host sync per grid point
+            # Only the samples not fooled yet are watermarked and queried: a fooled one keeps
+            # its first fooling image, so querying it again would change nothing.
+            idx = (~fooled).nonzero().squeeze(1)  # one host sync per grid point
+            if len(idx) == 0:
                 break
+            xs = x[idx]
+            marked = embed(xs, bits[idx, :, :length], keys[idx, :, :length], delta, p_rows=p.p_rows, p_cols=p.p_cols)
+            cand = project(marked.clamp(0, 1).to(x.dtype), xs, eps, norm)
+            newly = model(cand).argmax(1) != y[idx]
+            # Samples not fooled yet follow the grid, so they end on the strongest image.
+            out[idx] = cand
+            index[idx] = torch.where(newly, torch.full_like(newly, i, dtype=index.dtype), index[idx])
+            fooled[idx] = newly
         return out, fooled, index
 
     def _record(self, x, out, fooled, index):

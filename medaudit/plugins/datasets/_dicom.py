@@ -20,10 +20,10 @@ from collections.abc import MutableSequence
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import np
 from medaudit.core.privacy import distinctive
 from medaudit.plugins.datasets._files import ClassFolderParams
 

@@ -18,13 +18,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from medaudit.core.components import InputPath, Params
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import F, np, torch
 from medaudit.core.privacy import leaked_values
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")

@@ -57,13 +57,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, InputPath, LoadedData, Task
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import F, torch
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._dicom import (

@@ -67,13 +67,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, InputPath, LoadedData, Task
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import np, torch
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import drop_public, file_name_values, leaked_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._dicom import (

@@ -27,12 +27,12 @@ import csv
 import re
 from pathlib import PurePosixPath
 
-import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, InputPath, LoadedData, Params, Task
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import torch
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import (

@@ -26,14 +26,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, InputPath, LoadedData, Params, Task
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import F, np, torch
 from medaudit.core.privacy import drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import (
     IMAGE_SUFFIXES,

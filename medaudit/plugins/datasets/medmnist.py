@@ -31,13 +31,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, InputPath, LoadedData, Params, Task
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import np, torch
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import check_class_names, fingerprint_of

@@ -37,13 +37,12 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import Dataset, InputPath, LoadedData, Params, Task
 from medaudit.core.errors import DataError
+from medaudit.core.lazy import np, torch
 from medaudit.core.models import file_sha256
 from medaudit.core.privacy import distinctive, drop_public, file_name_values, pseudonym, pseudonym_key
 from medaudit.plugins.datasets._files import (

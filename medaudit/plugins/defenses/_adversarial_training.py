@@ -42,17 +42,16 @@ import contextlib
 import time
 from typing import Callable, Iterable, Iterator, Literal, Optional, Union
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from medaudit.core.lazy import F, torch
 from medaudit.core.spec import Epsilon
 from medaudit.core.components import Norm, Params
 from medaudit.core.perturbation import ascent_step, input_gradient, project
 from medaudit.core.perturbation import random_start as random_point
 
 #: Builds an optimiser from the model's parameters, e.g. ``lambda ps: torch.optim.SGD(ps, lr=0.1)``.
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[Iterable["torch.nn.Parameter"]], "torch.optim.Optimizer"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
 AttackMode = Literal["train", "eval"]

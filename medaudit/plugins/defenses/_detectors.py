@@ -37,11 +37,10 @@ import math
 import warnings
 from typing import ClassVar, Iterator, Literal, Sequence
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from medaudit.core.components import Params
+from medaudit.core.lazy import nn, torch
 from medaudit.core.probes import last_layer, model_device
 from medaudit.core.statistics import auroc, threshold_at_fpr, tpr_at_fpr
 
@@ -52,10 +51,12 @@ AUTO = "auto"
 #: Images per forward pass when the detectors run the model without gradients.
 CHUNK = 256
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 # -- features -------------------------------------------------------------------------
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def _module(model) -> nn.Module:
@@ -72,7 +73,7 @@ def stage_layers(model: nn.Module) -> list[str]:
     features cheap on large models."""
     root, prefix = _module(model), ""
     while True:
-        children = [(n, c) for n, c in root.named_children() if any(isinstance(m, _CONV) for m in c.modules())]
+        children = [(n, c) for n, c in root.named_children() if any(_is_conv(m) for m in c.modules())]
         if len(children) != 1:
             break
         name, root = children[0]
@@ -912,17 +913,14 @@ class ShieldParams(Params):
 
 def _shield_net(in_channels: int, num_classes: int, widths: Sequence[int], dims: int) -> nn.Module:
     """[DESIGN] 3 conv-BN-ReLU blocks of stride 2, global average pooling, a linear layer."""
+    from medaudit.plugins.defenses._modules import _MeanLast
+
     conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
     layers: list[nn.Module] = []
     for width in widths:
         layers += [conv(in_channels, width, 3, stride=2, padding=1, bias=False), norm(width), nn.ReLU(inplace=True)]
         in_channels = width
     return nn.Sequential(*layers, nn.Flatten(2), _MeanLast(), nn.Linear(in_channels, num_classes))
-
-
-class _MeanLast(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(-1)
 
 
 class ShieldDetector(Detector):
@@ -1041,3 +1039,12 @@ __all__ = [
     "features", "forward_features", "ledoit_wolf", "lid", "resolve_layers", "stage_layers", "threshold_at_fpr",
     "tpr_at_fpr",
 ]
+
+
+def __getattr__(name: str):
+    """Modules moved to :mod:`._modules` (defining them needs torch), still importable from here."""
+    if name in {"_MeanLast"}:
+        from medaudit.plugins.defenses import _modules
+
+        return getattr(_modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from medaudit import hookimpl
-from medaudit.core.adaptive import DetectorScore, RoutedModel, SoftRoutedView
 from medaudit.core.components import AttackContext, Defense, LoadedData, LoadedModel, Params, Task
 from medaudit.core.models import prepare_for_audit
 from medaudit.plugins.defenses import detectors, trained
@@ -57,6 +56,8 @@ class DetectThenRoute(Defense):
         self.context = context
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
+        from medaudit.core.adaptive import DetectorScore
+
         p = self.params
         guarded = self.context.apply_defense(p.detector.name, p.detector.params)
         if not isinstance(guarded.screen, DetectorScore):
@@ -89,6 +90,8 @@ class DetectThenRoute(Defense):
         return cls(cls.Params.model_validate(ref.params)).restore(model, data, state)
 
     def _route(self, model: LoadedModel, guarded: LoadedModel, robust: LoadedModel) -> LoadedModel:
+        from medaudit.core.adaptive import RoutedModel, SoftRoutedView
+
         p = self.params
         routed = RoutedModel(model.module, robust.module, guarded.screen)
         defended = dataclasses.replace(

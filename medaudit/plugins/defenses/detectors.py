@@ -30,22 +30,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from medaudit import hookimpl
-from medaudit.core.adaptive import DetectorScore, JointView, TransformDefended
 from medaudit.core.components import AttackContext, Defense, LoadedData, LoadedModel, Params, Task
+from medaudit.core.lazy import nn, torch
 from medaudit.core.models import prepare_for_audit
 from medaudit.core.perturbation import input_gradient
 from medaudit.core.probes import model_device
 from medaudit.plugins.defenses import _detectors as lib
 from medaudit.plugins.defenses._adversarial_training import standard_training
 from medaudit.plugins.defenses._common import TrainingData, check_disjoint, fingerprint
-from medaudit.plugins.defenses.input_transforms import Gaussian, GaussianParams
+
+if TYPE_CHECKING:
+    from medaudit.core.adaptive import DetectorScore
 
 JOINT = (
     "Joint attack on classifier and detector: the true class's logit becomes "
@@ -97,6 +97,8 @@ class _DetectorDefense(Defense):
         return module
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
+        from medaudit.core.adaptive import DetectorScore, JointView
+
         check_disjoint(self.train, data)
         p = self.params
         started = time.perf_counter()
@@ -151,6 +153,8 @@ class _DetectorDefense(Defense):
         }
 
     def restore(self, model: LoadedModel, data: LoadedData, state: dict[str, Any]) -> LoadedModel:
+        from medaudit.core.adaptive import DetectorScore, JointView
+
         device = model_device(model.module)
         protected = model.module
         if state["classifier"] is not None:
@@ -245,32 +249,6 @@ class MedicalAegisParams(lib.ShieldParams, DetectorDefenseParams):
     fine_tune_lr: float = Field(1e-3, gt=0, description="Learning rate of the fine-tune.")
 
 
-class Cushion(nn.Module):
-    """Medical Aegis's first tier: a differentiable low-pass filter of the input (methods.md
-    1.2, options (a)-(c); the paper's filter is a gap)."""
-
-    def __init__(self, p: MedicalAegisParams):
-        super().__init__()
-        self.p = p
-        self.gaussian = Gaussian(GaussianParams(sigma=p.sigma))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.p
-        if p.cushion == "gaussian":
-            return self.gaussian.transform(x)
-        if p.cushion == "resample":
-            size = x.shape[2:]
-            small = nn.functional.interpolate(x, scale_factor=1 / p.factor, mode="bilinear", align_corners=False)
-            return nn.functional.interpolate(small, size=size, mode="bilinear", align_corners=False)
-        spectrum = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
-        h, w = x.shape[-2:]
-        kh, kw = max(1, round(h * p.keep / 2)), max(1, round(w * p.keep / 2))
-        mask = torch.zeros(h, w, device=x.device, dtype=x.dtype)
-        mask[h // 2 - kh : h // 2 + kh + 1, w // 2 - kw : w // 2 + kw + 1] = 1
-        kept = torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))
-        return torch.fft.ifft2(kept).real.clamp(0.0, 1.0)
-
-
 class MedicalAegis(_DetectorDefense):
     """Medical Aegis (Yao et al. 2021; methods.md 1): the Cushion, a low-pass filter in
     front of the classifier, and the Shield, per-class CNNs predicting the classifier's
@@ -289,6 +267,9 @@ class MedicalAegis(_DetectorDefense):
     copies_classifier = True
 
     def shell(self, module):
+        from medaudit.core.adaptive import TransformDefended
+        from medaudit.plugins.defenses._modules import Cushion
+
         return TransformDefended(copy.deepcopy(module), Cushion(self.params))
 
     def protect(self, module, images, labels):
@@ -310,3 +291,12 @@ class MedicalAegis(_DetectorDefense):
 def register_defenses(register):
     for cls in (Mahalanobis, KdBu, Lid, Uad, MedicalAegis):
         register(cls)
+
+
+def __getattr__(name: str):
+    """Modules moved to :mod:`._modules` (defining them needs torch), still importable from here."""
+    if name in {"Cushion"}:
+        from medaudit.plugins.defenses import _modules
+
+        return getattr(_modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from medaudit import hookimpl
 from medaudit.core.components import AttackContext, Defense, LoadedData, LoadedModel, Params, Task
@@ -31,18 +29,6 @@ class EnsembleParams(Params):
     include_audited: bool = Field(True, description="The audited model is a member too.")
 
 
-class EnsembleModule(nn.Module):
-    """``log(mean_m softmax(f_m(x)))``: the average of the members' probabilities, as logits."""
-
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logp = torch.stack([m(x).float().log_softmax(1) for m in self.members])
-        return torch.logsumexp(logp, 0) - torch.log(torch.tensor(float(len(self.members))))
-
-
 class Ensemble(Defense):
     """Ensemble of Paul et al. (2020; methods.md 11.5): the average of several models'
     softmax probabilities. Differentiable, so the attacks see its exact gradient. Train the
@@ -57,6 +43,8 @@ class Ensemble(Defense):
         self.members = [context.load_model(m.loader, m.params) for m in self.params.members]
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
+        from medaudit.plugins.defenses._modules import EnsembleModule
+
         members = ([model] if self.params.include_audited else []) + self.members
         for i, m in enumerate(self.members):
             if m.num_classes != model.num_classes or m.task is not model.task:
@@ -75,3 +63,12 @@ class Ensemble(Defense):
 @hookimpl
 def register_defenses(register):
     register(Ensemble)
+
+
+def __getattr__(name: str):
+    """Modules moved to :mod:`._modules` (defining them needs torch), still importable from here."""
+    if name in {"EnsembleModule"}:
+        from medaudit.plugins.defenses import _modules
+
+        return getattr(_modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,15 +30,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from medaudit import hookimpl
-from medaudit.core.adaptive import AdaptiveView, Transform, TransformDefended
 from medaudit.core.components import Defense, LoadedData, LoadedModel, Params, Task
+from medaudit.core.lazy import F, torch
 from medaudit.core.models import prepare_for_audit
+
+if TYPE_CHECKING:
+    from medaudit.core.adaptive import Transform
 
 BOTH_TASKS = frozenset({Task.CLASSIFICATION, Task.SEGMENTATION})
 
@@ -57,6 +59,8 @@ class _TransformDefense(Defense):
         return x
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
+        from medaudit.core.adaptive import AdaptiveView, TransformDefended
+
         transform: Transform = self.transform
         adaptive = prepare_for_audit(AdaptiveView(model.module, transform, self.surrogate)) if self.adaptive else None
         params = ", ".join(f"{k}={v}" for k, v in self.params.model_dump().items())

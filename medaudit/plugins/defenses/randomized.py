@@ -27,13 +27,11 @@ import dataclasses
 import math
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from medaudit import hookimpl
 from medaudit.core.components import Defense, LoadedData, LoadedModel, Params, Task
+from medaudit.core.lazy import F, torch
 from medaudit.core.models import prepare_for_audit
 
 
@@ -71,32 +69,6 @@ def random_resize_pad(x: torch.Tensor, ratio: float, mode: str = "nearest", rest
     return padded
 
 
-class RandomResizePadded(nn.Module):
-    """The deployed system: one fresh draw of the transform per forward pass."""
-
-    def __init__(self, model: nn.Module, params: RandomResizePadParams):
-        super().__init__()
-        self.model, self.params = model, params
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        return self.model(random_resize_pad(x, p.ratio, p.mode, p.restore_size))
-
-
-class EOTView(nn.Module):
-    """The EOT view of a randomized system: logits averaged over ``samples`` draws, computed
-    as one forward pass of the model on the batch repeated ``samples`` times."""
-
-    def __init__(self, system: nn.Module, samples: int):
-        super().__init__()
-        self.system, self.samples = system, samples
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, n = self.samples, x.shape[0]
-        logits = self.system(x.repeat(k, *([1] * (x.dim() - 1))))
-        return logits.view(k, n, *logits.shape[1:]).mean(0)
-
-
 class RandomResizePad(Defense):
     """Random resizing and padding of the input (Xie et al. 2018): a random size in
     [H, H (1 + ratio)], zero padding at a random offset; new randomness every forward pass.
@@ -111,6 +83,8 @@ class RandomResizePad(Defense):
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
         p: RandomResizePadParams = self.params
+        from medaudit.plugins.defenses._modules import EOTView, RandomResizePadded
+
         system = prepare_for_audit(RandomResizePadded(model.module, p))
         eot = prepare_for_audit(EOTView(system, p.eot_samples))
         params = ", ".join(f"{k}={v}" for k, v in p.model_dump().items())
@@ -126,3 +100,12 @@ class RandomResizePad(Defense):
 @hookimpl
 def register_defenses(register):
     register(RandomResizePad)
+
+
+def __getattr__(name: str):
+    """Modules moved to :mod:`._modules` (defining them needs torch), still importable from here."""
+    if name in {"RandomResizePadded", "EOTView"}:
+        from medaudit.plugins.defenses import _modules
+
+        return getattr(_modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,16 +23,17 @@ still gets valid certificates, but mostly abstentions and small radii
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from medaudit import hookimpl
 from medaudit.core.components import Defense, LoadedData, LoadedModel, Params, Task
+from medaudit.core.lazy import nn, torch
 from medaudit.core.models import prepare_for_audit
-from medaudit.core.smoothing import Certificate, SmoothedLogits, certify
+
+if TYPE_CHECKING:
+    from medaudit.core.smoothing import Certificate
 
 
 class RandomizedSmoothingParams(Params):
@@ -91,6 +92,8 @@ class RandomizedSmoothing(Defense):
     certifies: ClassVar[bool] = True
 
     def apply(self, model: LoadedModel, data: LoadedData) -> LoadedModel:
+        from medaudit.core.smoothing import SmoothedLogits
+
         p: RandomizedSmoothingParams = self.params
         system = prepare_for_audit(SmoothedLogits(model.module, p.sigma, p.attack_samples))
         eot = prepare_for_audit(SmoothedLogits(model.module, p.sigma, p.eot_samples))
@@ -110,6 +113,8 @@ class RandomizedSmoothing(Defense):
         module; a smoothed module this defense built is unwrapped to its base, so the noise is
         never added twice. ``x`` must be on the model's device; ``generator`` (best on that
         device too) makes the certificate reproducible."""
+        from medaudit.core.smoothing import SmoothedLogits, certify
+
         p: RandomizedSmoothingParams = self.params
         module = model.module if isinstance(model, LoadedModel) else model
         if isinstance(module, SmoothedLogits):

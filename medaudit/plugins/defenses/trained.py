@@ -28,16 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, AttackContext, Defense, LoadedData, LoadedModel, Params, Task
+from medaudit.core.lazy import torch
 from medaudit.core.models import file_sha256, prepare_for_audit
 from medaudit.core.cache import cache_dir, save_atomic
 from medaudit.plugins.defenses._adversarial_training import PGDATParams, SSATParams, TRADESParams, pgd_at, ssat, trades
 from medaudit.plugins.defenses._common import TrainingData, check_disjoint
-from medaudit.plugins.defenses._nlce import NLCEParams, fine_tune, insert_nlce, nlce_parameter_count
+from medaudit.plugins.defenses._nlce_params import NLCEParams
 
 #: Bump when a training recipe changes, so stale cached weights are not reused.
 RECIPE_VERSION = 1
@@ -127,9 +127,13 @@ class Nlce(TrainedDefense):
     Params = NlceDefenseParams
 
     def build(self, module):
+        from medaudit.plugins.defenses._nlce import insert_nlce
+
         return insert_nlce(module, **self.params.nlce.insert_kwargs())
 
     def fit(self, module, train):
+        from medaudit.plugins.defenses._nlce import fine_tune, nlce_parameter_count
+
         if train.masks is None:
             raise ValueError(f"train_data {self.params.train_data.dataset!r} has no label maps")
         device = next(module.parameters()).device

@@ -25,10 +25,9 @@ import math
 from statistics import fmean
 from typing import Any
 
-import torch
-
 from medaudit import hookimpl
 from medaudit.core.components import Facet, Metric, MetricValue, Task
+from medaudit.core.lazy import torch
 from medaudit.core.segmentation import _counts
 
 NEEDS = frozenset({Facet.SEGMENTATION, Facet.CASE_SCORES})

@@ -29,11 +29,11 @@ import warnings
 from statistics import fmean
 from typing import Any, Sequence
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import Facet, Metric, MetricValue, Params, Task
+from medaudit.core.lazy import torch
 
 #: Boundary tolerance of every foreground class: mm with a spacing, else pixels (voxels).
 TOLERANCE = 2.0

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from medaudit.core.components import Access, LoadedModel, Params, Task, resolve_path
 from medaudit.core.environment import require_torchvision
+from medaudit.core.lazy import torch
 from medaudit.core.models import (
     CheckpointParams,
-    PixelSpaceModel,
-    SlidingWindow,
     load_weights,
     prepare_for_audit,
     state_dict_sha256,
@@ -101,6 +99,8 @@ def finish(net: torch.nn.Module, p: WrappedModelParams, task: Task, what: str, f
     checkpoint = getattr(p, "checkpoint", None)
     if checkpoint is not None:
         fingerprint = load_weights(net, checkpoint, what, sha256=p.sha256, trust_checkpoint=p.trust_checkpoint)
+    from medaudit.core.model_wrappers import PixelSpaceModel, SlidingWindow
+
     module: torch.nn.Module = PixelSpaceModel(net, p.mean, p.std, p.in_channels)
     if p.patch_size is not None:
         module = SlidingWindow(module, p.patch_size, p.overlap)

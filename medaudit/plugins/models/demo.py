@@ -18,12 +18,12 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from medaudit import hookimpl
 from medaudit.core.components import LoadedModel, ModelLoader, Params, Task
 from medaudit.core.cache import cache_dir, save_atomic
+from medaudit.core.lazy import torch
 from medaudit.core.phantoms import PhantomParams, make_phantoms
 from medaudit.plugins.models.local import FactoryLoader, FactoryParams
 from medaudit.plugins.models.smp import SmpLoader, SmpParams, build_smp

@@ -29,9 +29,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, LoadedModel, ModelLoader, Task, resolve_path
@@ -40,7 +38,6 @@ from medaudit.core.errors import EnvironmentProblem, ModelLoadError
 from medaudit.core.models import (
     SHA256_PATTERN,
     CheckpointParams,
-    PixelSpaceModel,
     load_weights,
     prepare_for_audit,
     state_dict_sha256,
@@ -181,17 +178,6 @@ def channel_stats(values, in_chans: int, what: str, source: str) -> list[float]:
     raise ModelLoadError(f"{source}: {what} has {len(values)} values, the network {in_chans} input channels")
 
 
-class _Logits(nn.Module):
-    """A transformers classifier as a plain ``x -> logits`` module."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(pixel_values=x).logits
-
-
 class HuggingFaceLoader(ModelLoader):
     """An image classifier from a local Hugging Face folder (timm or transformers format); nothing is downloaded."""
 
@@ -235,6 +221,8 @@ class HuggingFaceLoader(ModelLoader):
         std = p.std if p.std is not None else pretrained_cfg.get("std", TIMM_DEFAULT_STD)
         mean, std = channel_stats(mean, in_chans, "mean", source), channel_stats(std, in_chans, "std", source)
         fixed = f", fixed input {tuple(input_size[1:])}" if pretrained_cfg.get("fixed_input_size") else ""
+        from medaudit.core.model_wrappers import PixelSpaceModel
+
         return LoadedModel(
             module=prepare_for_audit(PixelSpaceModel(net, mean, std, in_chans)),
             task=task,
@@ -280,6 +268,9 @@ class HuggingFaceLoader(ModelLoader):
         if weights is None:
             fingerprint = state_dict_sha256(net)
         what = f"transformers {type(net).__name__} (in_chans={in_chans}, num_classes={num_classes})"
+        from medaudit.core.model_wrappers import PixelSpaceModel
+        from medaudit.plugins.models._transformers import _Logits
+
         return LoadedModel(
             module=prepare_for_audit(PixelSpaceModel(_Logits(net), mean, std, in_chans)),
             task=task,

@@ -14,12 +14,12 @@ import io
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import LoadedModel, ModelLoader, Task
 from medaudit.core.errors import ModelLoadError
+from medaudit.core.lazy import torch
 from medaudit.core.models import PinnedFileParams, read_model_file
 from medaudit.plugins.models._common import ModuleParams, WrappedModelParams, existing_file, finish
 

@@ -33,17 +33,14 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from medaudit import hookimpl
 from medaudit.core.components import Access, LoadedModel, ModelLoader, Task, resolve_path
 from medaudit.core.errors import ModelLoadError
+from medaudit.core.lazy import nn, torch
 from medaudit.core.models import (
     CheckpointParams,
-    PixelSpaceModel,
-    SlidingWindow,
     load_weights,
     prepare_for_audit,
     read_model_file,
@@ -334,6 +331,8 @@ class MonaiBundleLoader(ModelLoader):
         if parser is not None and p.sliding_window and not patch_size:
             roi, bundle_overlap = inferer_window(parser)
             patch_size, overlap = roi or [], overlap if overlap is not None else bundle_overlap
+        from medaudit.core.model_wrappers import PixelSpaceModel, SlidingWindow
+
         module: nn.Module = PixelSpaceModel(net, p.mean, p.std, in_channels)
         if patch_size:
             module = SlidingWindow(module, patch_size, overlap if overlap is not None else 0.25)

@@ -2,20 +2,20 @@
 
 A segmentation-models-pytorch network (any architecture and encoder), normalisation inside
 the model, weights from local files only, optionally run patch-wise
-(:class:`~medaudit.core.models.SlidingWindow`).
+(:class:`~medaudit.core.model_wrappers.SlidingWindow`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import Field, field_validator
 
 from medaudit import hookimpl
 from medaudit.core.components import LoadedModel, ModelLoader, Task
 from medaudit.core.environment import require_torchvision
 from medaudit.core.errors import ModelLoadError
+from medaudit.core.lazy import torch
 from medaudit.plugins.models._common import ModuleParams, finish, no_such_name, torchvision_ready
 
 

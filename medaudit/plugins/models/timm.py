@@ -6,7 +6,7 @@ Any timm classifier, weights from local files only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -16,13 +16,15 @@ from medaudit.core.environment import require_torchvision
 from medaudit.core.errors import ModelLoadError
 from medaudit.core.models import (
     CheckpointParams,
-    PixelSpaceModel,
     load_weights,
     prepare_for_audit,
     state_dict_sha256,
     verify_file,
 )
 from medaudit.plugins.models._common import NormalisedModelParams, existing_file, no_such_name, torchvision_ready
+
+if TYPE_CHECKING:
+    from medaudit.core.model_wrappers import PixelSpaceModel
 
 
 class TimmParams(NormalisedModelParams, CheckpointParams):
@@ -78,6 +80,8 @@ def build_timm(p: TimmParams) -> PixelSpaceModel:
             net = timm.create_model(p.arch, pretrained=False, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"timm could not build {p.arch!r}: {type(exc).__name__}: {exc}") from None
+    from medaudit.core.model_wrappers import PixelSpaceModel
+
     return PixelSpaceModel(net, p.mean, p.std, p.in_chans)
 
 

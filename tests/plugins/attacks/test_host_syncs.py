@@ -186,10 +186,10 @@ def test_the_harness_counts_syncs_and_nothing_else():
 
 #: Registered attacks this file does not run, and why (each read from the attack's docstring).
 EXEMPT = {
-    "deepfool": "stops once every sample is fooled: one documented host sync per step for that check "
+    "deepfool": "runs only the samples not fooled yet: one documented host sync per step to select them "
     "(each step costs a backward pass per candidate class, which dwarfs the sync)",
     "onepixel": "selects the samples not fooled yet once per generation (documented early stop)",
-    "watermark": "one documented host sync per grid point, to exit once every sample is fooled",
+    "watermark": "one documented host sync per grid point, to select the samples not fooled yet (and exit once all are)",
     "art": "wraps the Adversarial Robustness Toolbox, which works on numpy arrays on the host",
     "jpeg": "a JPEG round trip through torchvision's codec, which encodes on the CPU",
 }

@@ -1,4 +1,5 @@
-"""Minimum-norm attacks: DeepFool against ART's, C&W, and the runner's reuse across epsilons."""
+"""Minimum-norm attacks: DeepFool against ART's and against its every-sample loop, C&W, and the runner's
+reuse across epsilons."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import medaudit
 from medaudit.core.spec import load_spec
 from medaudit.core.components import Norm
 from medaudit.core.host import get_host
+from medaudit.core.models import CallCounter
+from medaudit.core.perturbation import per_sample_l2
 from medaudit.plugins.attacks.minimum_norm import CarliniWagnerL2, CWParams, DeepFool, DeepFoolParams
 from tests.helpers import run_audit
 
@@ -48,6 +51,101 @@ def test_deepfool_matches_art(demo_model, demo_data):
     assert both.float().mean() >= 0.9
     ratio = sizes(ours, x, Norm.L2)[both].median() / sizes(theirs, x, Norm.L2)[both].median()
     assert 0.85 < float(ratio) < 1.15
+
+
+def deepfool_every_sample(model, x, y, *, norm, steps=50, overshoot=0.02, candidates=10):
+    """DeepFool as it was before it left the fooled samples out: every step runs the model,
+    forward and backward, on the whole batch and masks the fooled samples' steps. The
+    reference that the loop over the samples not fooled yet must match exactly."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    r_total = torch.zeros_like(x)
+    x_adv = x.clone()
+    for _ in range(steps):
+        xg = x_adv.detach().requires_grad_(True)
+        logits = model(xg).float()
+        active = logits.argmax(1) == y
+        if not bool(active.any()):
+            break
+        k = min(candidates, logits.shape[1])
+        others = logits.scatter(1, y[:, None], float("-inf")).topk(k - 1, dim=1).indices
+        f_y = logits.gather(1, y[:, None]).squeeze(1)
+        best_dist = torch.full_like(f_y, float("inf"))
+        best_step = torch.zeros_like(x)
+        for j in range(k - 1):
+            f = logits.gather(1, others[:, j : j + 1]).squeeze(1) - f_y
+            (w,) = torch.autograd.grad(f.sum(), xg, retain_graph=j < k - 2)
+            if norm is Norm.L2:
+                w_norm = per_sample_l2(w).flatten()
+                step = ((f.abs() + 1e-4) / w_norm**2).view(shape) * w
+            else:
+                w_norm = w.flatten(1).abs().sum(1).clamp_min(1e-12)
+                step = ((f.abs() + 1e-4) / w_norm).view(shape) * w.sign()
+            dist = f.abs() / w_norm
+            closer = dist < best_dist
+            best_dist = torch.where(closer, dist, best_dist)
+            best_step = torch.where(closer.view(shape), step, best_step)
+        r_total = r_total + torch.where(active.view(shape), best_step, torch.zeros_like(best_step))
+        x_adv = (x + (1 + overshoot) * r_total).clamp(0.0, 1.0).detach()
+    return x_adv
+
+
+class DeepFoolEverySample(DeepFool):
+    """DeepFool with the every-sample loop, for comparing whole outcomes (min_norm records)."""
+
+    def minimal(self, model, x, y, *, norm, generator):
+        return deepfool_every_sample(model, x, y, norm=norm, **self.params.model_dump())
+
+
+class OneAtATime(torch.nn.Module):
+    """Runs the model on one sample at a time. A batched model's rounding can differ in the
+    last bits with the batch's size; one at a time, a sample's logits and gradients are the
+    same whichever samples it came with, so the two loops must agree bit for bit."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.cat([self.inner(x[i : i + 1]) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("norm", [Norm.L2, Norm.LINF])
+def test_deepfool_steps_only_the_samples_not_fooled_yet_with_the_same_result(demo_model, demo_data, norm):
+    model, x, y = OneAtATime(demo_model.module), demo_data.images[:48], demo_data.labels[:48].clone()
+    y[:3] = 1 - y[:3]  # misclassified from the start: returned as they are, never stepped
+    every, fewer = CallCounter(model), CallCounter(model)
+    x_every = deepfool_every_sample(every, x, y, norm=norm)
+    x_fewer = DeepFool().minimal(fewer, x, y, norm=norm, generator=torch.Generator())
+    assert torch.equal(x_fewer, x_every)  # bit for bit, every sample
+    assert torch.equal(x_fewer[:3], x[:3]) and fooled(model, x_fewer, y).all()
+    # Measured on this model: 0.59 of the every-sample loop's model calls (L2), 0.58 (L-inf).
+    assert fewer.samples <= 0.7 * every.samples, (fewer.samples, every.samples)
+
+
+@pytest.mark.parametrize("steps, overshoot, norm", [(1, 0.02, Norm.L2), (2, 0.5, Norm.LINF), (3, 0.0, Norm.L2)])
+def test_deepfool_outcomes_and_min_norm_records_match_the_every_sample_loop(demo_model, demo_data, steps, overshoot,
+                                                                             norm):
+    model, x, y = OneAtATime(demo_model.module), demo_data.images[:32], demo_data.labels[:32]
+    params = DeepFoolParams(steps=steps, overshoot=overshoot)
+    theirs = DeepFoolEverySample(params).perturb(model, x, y, eps=1.0, norm=norm, generator=torch.Generator())
+    ours = DeepFool(params).perturb(model, x, y, eps=1.0, norm=norm, generator=torch.Generator())
+    assert torch.equal(ours.adversarial, theirs.adversarial)
+    assert ours.extras["min_norm"] == theirs.extras["min_norm"]
+    # Not a trivial agreement: cases are found (measured: 17, 32 and 19 of 32; the others
+    # are left with the search cut short by the few steps).
+    assert any(size is not None for size in ours.extras["min_norm"])
+
+
+@pytest.mark.parametrize("norm", [Norm.L2, Norm.LINF])
+def test_deepfool_on_a_batched_model_differs_from_the_every_sample_loop_in_rounding_only(demo_model, demo_data, norm):
+    # Batched, the samples left run in smaller batches than the whole, whose rounding can differ
+    # in the last bits (measured at 32 cases on 2 threads, L2: 10 of 32 adversarials, by < 3e-8).
+    model, x, y = demo_model.module, demo_data.images[:32], demo_data.labels[:32]
+    theirs = DeepFoolEverySample().perturb(model, x, y, eps=1.0, norm=norm, generator=torch.Generator())
+    ours = DeepFool().perturb(model, x, y, eps=1.0, norm=norm, generator=torch.Generator())
+    assert (ours.adversarial - theirs.adversarial).abs().max() <= 1e-6
+    for a, b in zip(ours.extras["min_norm"], theirs.extras["min_norm"]):
+        assert (a is None) == (b is None) and (a is None or abs(a - b) <= 1e-5 * max(b, 1e-3))
 
 
 def test_cw_finds_smaller_perturbations_than_its_start(demo_model, demo_data):

@@ -10,6 +10,8 @@ import torch
 import medaudit.plugins.attacks.watermark as wm
 from medaudit.core.components import Access, Norm
 from medaudit.core.host import get_host
+from medaudit.core.models import CallCounter
+from medaudit.core.perturbation import project
 
 
 class NoGradients(torch.nn.Module):
@@ -166,6 +168,53 @@ def test_flips_predictions_on_the_demo_model_with_good_image_quality(demo_model,
     assert (a.last_ssim > 0.5).all()
     assert (a.last_grid_index[a.last_fooled] >= 0).all() and (a.last_grid_index[~a.last_fooled] == -1).all()
     assert "mean PSNR" in caplog.text
+
+
+class OneAtATime(torch.nn.Module):
+    """Runs the model on one sample at a time, so a sample's logits do not depend on the
+    batch it came in (a batched model's rounding can differ in the last bits with its size)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.cat([self.inner(x[i : i + 1]) for i in range(len(x))])
+
+
+def search_every_sample(attack, model, x, y, eps, norm, generator):
+    """The grid search as it was before it left the fooled samples out: every grid point
+    watermarks and queries the whole batch and masks the fooled samples."""
+    p = attack.params
+    n, c = x.shape[:2]
+    l_max = max(length for length, _ in attack.grid)
+    bits = (torch.rand((n, c, l_max), generator=generator) < 0.5).to(torch.float64)
+    keys = torch.rand((n, c, l_max), generator=generator).to(torch.float64)
+    out, fooled, index = x.clone(), torch.zeros(n, dtype=torch.bool), torch.full((n,), -1)
+    for i, (length, delta) in enumerate(attack.grid):
+        marked = wm.embed(x, bits[..., :length], keys[..., :length], delta, p_rows=p.p_rows, p_cols=p.p_cols)
+        cand = project(marked.clamp(0, 1).to(x.dtype), x, eps, norm)
+        newly = (model(cand).argmax(1) != y) & ~fooled
+        out = torch.where(fooled.view(-1, 1, 1, 1), out, cand)
+        index = torch.where(newly, i, index)
+        fooled |= newly
+        if bool(fooled.all()):
+            break
+    return out, fooled, index
+
+
+@pytest.mark.parametrize("norm, eps", [(Norm.LINF, 8 / 255), (Norm.L2, 2.0)])
+def test_queries_only_the_samples_not_fooled_yet_with_the_same_result(demo_model, demo_data, norm, eps):
+    model, x, y = OneAtATime(NoGradients(demo_model.module)), demo_data.images[:32], demo_data.labels[:32]
+    every, fewer = CallCounter(model), CallCounter(model)
+    a = wm.Watermark()
+    with torch.no_grad():
+        out, fooled, index = search_every_sample(a, every, x, y, eps, norm, gen(3))
+    x_adv = a.perturb(fewer, x, y, eps=eps, norm=norm, generator=gen(3))
+    assert torch.equal(x_adv, out) and torch.equal(a.last_fooled, fooled) and torch.equal(a.last_grid_index, index)
+    assert fooled.any() and not fooled.all()  # some samples leave the search early, some run the whole grid
+    # Measured on this model: 0.79 of the every-sample search's model calls (L-inf), 0.69 (L2).
+    assert fewer.samples <= 0.85 * every.samples, (fewer.samples, every.samples)
 
 
 def test_stronger_delta_gives_lower_psnr(demo_model, demo_data):

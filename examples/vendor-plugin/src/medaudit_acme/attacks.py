@@ -6,8 +6,6 @@ image, chosen by gradient ascent on the model's loss within an L-inf budget.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from medaudit import CROSS_ENTROPY, Access, Attack, AttackFamily, Norm, Params
@@ -38,6 +36,11 @@ class ContrastShift(Attack):
     Params = ContrastShiftParams
 
     def perturb(self, model, x, y, *, eps, norm, generator):
+        # torch is imported here, not at the top: medaudit imports every plugin to read its
+        # components, and `medaudit validate` should not pay torch's import for that.
+        import torch
+        import torch.nn.functional as F
+
         p: ContrastShiftParams = self.params
         if eps == 0:
             return x.clone()
