@@ -3,8 +3,8 @@
     python benchmarks/deepfool_calls.py [--n 96] [--steps 50] [--repeats 5] [--norm l2 linf]
 
 DeepFool's minimal search on the trained demo model (``medaudit.testing.tiny``), once with
-the loop of earlier versions kept here (``before``: every step runs the model forward and
-backward on the whole batch and masks the fooled samples' steps) and once with the attack
+the loop of earlier versions (``before``, kept in tests/reference_deepfool.py: every step
+runs the model forward and backward on the whole batch and masks the fooled samples' steps) and once with the attack
 as it is (``after``: each step runs only the samples not fooled yet). The two run in turns,
 ``repeats`` times (the order alternates), on one thread with a passive OpenMP wait policy,
 so that neither profits from a warmer machine. Prints the samples sent through the model
@@ -28,43 +28,6 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def deepfool_before(model, x, y, *, norm, steps: int, overshoot: float, candidates: int) -> torch.Tensor:
-    """DeepFool's minimal search as earlier versions ran it: the whole batch on every step."""
-    from medaudit.core.components import Norm
-    from medaudit.core.perturbation import per_sample_l2
-
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    r_total = torch.zeros_like(x)
-    x_adv = x.clone()
-    for _ in range(steps):
-        xg = x_adv.detach().requires_grad_(True)
-        logits = model(xg).float()
-        active = logits.argmax(1) == y
-        if not bool(active.any()):
-            break
-        k = min(candidates, logits.shape[1])
-        others = logits.scatter(1, y[:, None], float("-inf")).topk(k - 1, dim=1).indices
-        f_y = logits.gather(1, y[:, None]).squeeze(1)
-        best_dist = torch.full_like(f_y, float("inf"))
-        best_step = torch.zeros_like(x)
-        for j in range(k - 1):
-            f = logits.gather(1, others[:, j : j + 1]).squeeze(1) - f_y
-            (w,) = torch.autograd.grad(f.sum(), xg, retain_graph=j < k - 2)
-            if norm is Norm.L2:
-                w_norm = per_sample_l2(w).flatten()
-                step = ((f.abs() + 1e-4) / w_norm**2).view(shape) * w
-            else:
-                w_norm = w.flatten(1).abs().sum(1).clamp_min(1e-12)
-                step = ((f.abs() + 1e-4) / w_norm).view(shape) * w.sign()
-            dist = f.abs() / w_norm
-            closer = dist < best_dist
-            best_dist = torch.where(closer, dist, best_dist)
-            best_step = torch.where(closer.view(shape), step, best_step)
-        r_total = r_total + torch.where(active.view(shape), best_step, torch.zeros_like(best_step))
-        x_adv = (x + (1 + overshoot) * r_total).clamp(0.0, 1.0).detach()
-    return x_adv
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=96, help="phantom cases (one batch)")
@@ -79,6 +42,7 @@ def main() -> None:
     from medaudit.core.models import CallCounter
     from medaudit.plugins.attacks.minimum_norm import DeepFool, DeepFoolParams
     from medaudit.testing import tiny
+    from tests.reference_deepfool import deepfool_every_sample
 
     model = tiny.demo_model().module  # trained once, then read from the model cache
     data = tiny.phantom_data(n=args.n)
@@ -86,8 +50,8 @@ def main() -> None:
     params = DeepFoolParams(steps=args.steps, overshoot=args.overshoot)
     attack = DeepFool(params)
     variants = {
-        "before": lambda m, norm: deepfool_before(m, x, y, norm=norm, steps=params.steps, overshoot=params.overshoot,
-                                                  candidates=params.candidates),
+        "before": lambda m, norm: deepfool_every_sample(m, x, y, norm=norm, steps=params.steps,
+                                                        overshoot=params.overshoot, candidates=params.candidates),
         "after": lambda m, norm: attack.minimal(m, x, y, norm=norm, generator=torch.Generator()),
     }
     print(f"deepfool on {args.n} demo cases, {args.steps} steps, overshoot {args.overshoot}, {args.repeats} repeats "
