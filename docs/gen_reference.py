@@ -209,20 +209,6 @@ def default_host():
     return get_host(load_entry_points=False)
 
 
-def component_rows(host) -> list[dict[str, Any]]:
-    """One row per registered component, as ``medaudit plugins --json`` prints them."""
-    from medaudit.core.components import component_info
-
-    rows = []
-    for kind, table in host.components.items():
-        for name, cls in sorted(table.items()):
-            info = host.plugin_of(cls)
-            rows.append({"kind": kind, **component_info(cls), "plugin": cls.plugin,
-                         "distribution": info.distribution if info else None,
-                         "version": info.version if info else None})
-    return rows
-
-
 def _component_variants(schema: dict) -> dict[str, str]:
     """The spec schema's per-component definitions (``attack_fgsm``...) -> their components page link."""
     links = {}
@@ -266,7 +252,7 @@ def _param_rows(params: dict, prefix: str) -> list[str]:
 
 
 def components_page(host) -> str:
-    rows = component_rows(host)
+    rows = host.component_rows()
     lines = [
         "# Components",
         "",

@@ -228,17 +228,8 @@ def validate(spec_path: Path) -> None:
 @handle_errors
 def plugins(as_json: bool) -> None:
     """List plugins and the components they provide, with their params."""
-    from medaudit.core.components import component_info
-
     host = _host()
-    rows = []
-    for kind, table in host.components.items():
-        for name, cls in sorted(table.items()):
-            info = host.plugin_of(cls)
-            rows.append({
-                "kind": kind, **component_info(cls), "plugin": cls.plugin,
-                "distribution": info.distribution if info else None, "version": info.version if info else None,
-            })
+    rows = host.component_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -30,7 +30,7 @@ from typing import Any
 import pluggy
 
 from medaudit.core import hookspecs
-from medaudit.core.components import KINDS, Component
+from medaudit.core.components import KINDS, Component, component_info
 from medaudit.core.errors import PluginError
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,18 @@ class Host:
 
     def plugin_of(self, cls: type[Component]) -> PluginInfo | None:
         return self.plugins.get(cls.plugin)
+
+    def component_rows(self) -> list[dict[str, Any]]:
+        """One row per registered component, by kind and name: what ``medaudit plugins --json``
+        prints and the documentation's components page lists (params as JSON Schema)."""
+        rows = []
+        for kind, table in self.components.items():
+            for name, cls in sorted(table.items()):
+                info = self.plugin_of(cls)
+                rows.append({"kind": kind, **component_info(cls), "plugin": cls.plugin,
+                             "distribution": info.distribution if info else None,
+                             "version": info.version if info else None})
+        return rows
 
 
 def unknown_name_message(kind: str, name: str, known: Any) -> str:
