@@ -144,7 +144,6 @@ def run(
     from medaudit.audits import history
     from medaudit.audits.plan import check_model_access
     from medaudit.audits.runner import Runner
-    from medaudit.core.environment import require_torchvision
     from medaudit.core.spec import load_spec
     from medaudit.reports.write import check_reports_possible, write_reports
 
@@ -160,7 +159,6 @@ def run(
         from medaudit.audits.rundir import check_run_dir
 
         check_run_dir(run_dir, force)  # before anything loads
-    require_torchvision()
     host = _host()
     spec = load_spec(spec_path, host)
     check_model_access(spec, host)  # what the loader declares; refused before anything loads
@@ -274,8 +272,11 @@ def init(path: Path, force: bool) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--pdf", is_flag=True, help="Also print report.html to report.pdf (needs Chromium; see MEDAUDIT_CHROMIUM).")
+@click.option("--figures", "explaining", default="", metavar="NAMES",
+              help="Draw these model-explaining figures now (comma-separated: grad_cam, embedding), e.g. for a run "
+                   "made with report.figures: []; loads the audited model from the run's resolved spec.")
 @handle_errors
-def report(run_dir: Path, pdf: bool) -> None:
+def report(run_dir: Path, pdf: bool, explaining: str) -> None:
     """Re-render RUN_DIR/report.html and junit.xml from its results.json, without rerunning."""
     from medaudit.reports.html import write_report
     from medaudit.reports.junit import write_junit
@@ -283,11 +284,24 @@ def report(run_dir: Path, pdf: bool) -> None:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise MedauditError(f"{run_dir}: no results.json (the run did not finish; resume it with medaudit run SPEC --resume {run_dir})")
+    names = [n.strip() for n in explaining.split(",") if n.strip()]
+    from medaudit.audits.figures import EXPLAINING
+
+    if unknown := [n for n in names if n not in EXPLAINING]:
+        raise click.BadParameter(f"no figure {', '.join(unknown)}; choose from {', '.join(EXPLAINING)}",
+                                 param_hint="--figures")
     if pdf:
         from medaudit.reports.pdf import require_chromium, write_pdf
 
         require_chromium()  # before touching anything
     results = json.loads(results_path.read_text(encoding="utf-8"))
+    if names:
+        from medaudit.audits.rundir import json_text, write_atomic
+        from medaudit.reports.later import draw_explaining_figures
+
+        added = draw_explaining_figures(run_dir, results, _host(), names)
+        click.echo(f"figures: {', '.join(f['path'] for f in added) or 'none could be drawn (see the log)'}")
+        write_atomic(results_path, json_text(results))
     path = write_report(results, run_dir, _host())
     write_junit(results, run_dir)
     click.echo(f"report: {path}")

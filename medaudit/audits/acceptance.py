@@ -15,6 +15,8 @@ from medaudit.core.spec import Criterion, Regression, Spec, attack_levels, epsil
 
 PASS, FAIL, INCONCLUSIVE, INVALID = "PASS", "FAIL", "INCONCLUSIVE", "INVALID"
 NOT_ASSESSED = "NOT ASSESSED"
+#: Why a criterion of a run with ``runtime.strategy: verdict`` may have no value.
+SKIPPED = "runtime.strategy verdict stops once the blocking criteria are decided"
 
 VERDICT_EXIT_CODES = {
     PASS: ExitCode.PASS,
@@ -88,7 +90,8 @@ def judge_regressions(spec: Spec, host: Host, computed: dict[str, Any], run_dir:
     problem = "the runner gave no run directory to read the run's fingerprints from"
     if run_dir is not None:
         jobs = plan_jobs(spec, host)
-        if {j.id for j in jobs} != set(computed.get("records", {})):
+        ran = set(computed.get("records", {}))
+        if not ran <= {j.id for j in jobs} or (spec.runtime.strategy == "full" and ran != {j.id for j in jobs}):
             problem = "the run's records are not those of the spec's jobs"
         else:
             stored = Path(run_dir) / "fingerprints.json"
@@ -98,7 +101,7 @@ def judge_regressions(spec: Spec, host: Host, computed: dict[str, Any], run_dir:
                 "metrics": [{"name": m, "better": host.get("metric", m).better} for m in spec.metrics],
                 "clean": computed["clean"], "rows": computed["rows"],
                 "jobs": [{"id": j.id, "defense": j.defense, "attack": j.attack, "view": j.view, "epsilon": j.epsilon,
-                          **({"budget": j.budget} if j.budget else {})} for j in jobs],
+                          **({"budget": j.budget} if j.budget else {})} for j in jobs if j.id in ran],
             }
             current = Run(Path(run_dir), results, records=dict(computed["records"]))
     judged = []
@@ -146,10 +149,13 @@ def acceptance(spec: Spec, host: Host, computed: dict[str, Any], checks: list[di
             rates = computed.get("clean_class_rates", {}).get(c.defense)
             scope: tuple = (c.defense,)
         else:
-            row = next(
-                r for r in computed["rows"]
-                if r["defense"] == c.defense and r["attack"] == c.attack and abs(r["epsilon"] - c.epsilon) < 1e-12
-            )
+            row = next((r for r in computed["rows"] if r["defense"] == c.defense and r["attack"] == c.attack
+                        and abs(r["epsilon"] - c.epsilon) < 1e-12), None)
+            if row is None:  # runtime.strategy verdict skipped its jobs: the verdict was decided without them
+                budget, _ = attack_levels(spec, host, c.attack)
+                judged.append({**judge(c, None, spec.threat_model.norm, budget.name if budget else ""),
+                               "reason": f"not evaluated: its jobs were skipped ({SKIPPED})"})
+                continue
             value, rates = row["metrics"].get(c.metric), row.get("class_rates")
             scope = (row["defense"], row["attack"], row["epsilon"])
         if c.class_name is not None:  # a per-class rate, for the class the criterion names

@@ -113,7 +113,7 @@ def _groups(results: dict) -> dict[tuple, dict]:
             "metrics": metrics, "jobs": members}
     for row in results.get("rows") or []:
         def member(j: dict) -> bool:
-            if j["defense"] != row["defense"] or j["attack"] == CLEAN:
+            if j["defense"] != row["defense"] or j["attack"] == CLEAN or "skipped" in j:
                 return False
             if _eps_key(j["epsilon"]) != _eps_key(row["epsilon"]):
                 return False
@@ -371,6 +371,12 @@ def compare_runs(run_a: Path | Run, run_b: Path | Run, *, host: Host | None = No
     b = run_b if isinstance(run_b, Run) else Run.load(run_b)
     paired, why = pairing(a, b)
     groups_a, groups_b = _groups(a.results), _groups(b.results)
+    cumulative = [name for name, run in (("A", a), ("B", b))
+                  if (run.results.get("strategy") or {}).get("name") == "verdict"]
+    if cumulative:  # its per-attack rows count the cases carried over to them: not one attack's figure
+        for groups in (groups_a, groups_b):
+            for key in [k for k, g in groups.items() if k[1] not in (CLEAN, WORST_CASE) and not _budgeted(g)]:
+                del groups[key]
     names_b = {m["name"] for m in b.results.get("metrics") or []}
     metrics = [m["name"] for m in a.results.get("metrics") or [] if m["name"] in names_b]
     entries = []
@@ -386,6 +392,8 @@ def compare_runs(run_a: Path | Run, run_b: Path | Run, *, host: Host | None = No
     return {
         "a": a.header(), "b": b.header(), "differs": differs, "paired": paired, "paired_reason": why,
         "confidence": confidence,
+        "strategy_note": (f"run {' and '.join(cumulative)} used runtime.strategy verdict, whose per-attack rows are "
+                          "cumulative: only the clean values and the worst case are compared") if cumulative else None,
         "summary": {
             "compared": len(entries), "tested": len(tested),
             "significant_worse": sum(e["significant"] and e["direction"] == "worse" for e in entries),
@@ -395,6 +403,11 @@ def compare_runs(run_a: Path | Run, run_b: Path | Run, *, host: Host | None = No
         "only_in_b": [_key_text(k) for k in groups_b if k not in groups_a],
         "entries": entries,
     }
+
+
+def _budgeted(group: dict) -> bool:
+    """Is the group an attack sized by its own budget (a corruption: never carried over)?"""
+    return any(j.get("budget") for j in group["jobs"])
 
 
 def _key_text(key: tuple) -> str:

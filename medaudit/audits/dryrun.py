@@ -96,7 +96,7 @@ def dry_run(spec: Spec, host: Host) -> dict[str, Any]:
     planned: list[PlannedJob] = []
     probes: dict[tuple[str, str, str], Probe] = {}
     attacked: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
-    for job in runner.jobs:
+    for job in runner.order:  # the strategy's order (verdict: cheapest first at each budget)
         if job.is_clean:
             start = time.perf_counter()
             clean = execute(session, job, 0, n)
@@ -142,6 +142,9 @@ def dry_run(spec: Spec, host: Host) -> dict[str, Any]:
             "minimum-norm and early-exit attacks are upper bounds (one search per batch serves every budget; "
             "fooled cases stop being queried)",
             "times are for this machine and device, without the report, figures and validity checks",
+            *(["runtime.strategy verdict: jobs are listed in the order they run; each attack job will attack only the "
+               "cases still robust, and the run stops once the blocking criteria are decided, so the figures are upper "
+               "bounds"] if spec.runtime.strategy == "verdict" else []),
         ],
     }
 

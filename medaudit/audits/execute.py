@@ -25,7 +25,7 @@ from medaudit.core.adaptive import bind_labels
 from medaudit.core.components import (
     NO_SCREEN, Attack, AttackContext, AttackOutcome, Defense, Facet, LoadedData, LoadedModel, Metric,
 )
-from medaudit.core.environment import configure_torch, select_device
+from medaudit.core.environment import configure_torch, require_torchvision, select_device
 from medaudit.core.errors import DataError, SpecError
 from medaudit.core.host import Host
 from medaudit.core.jobs import NAIVE, Job, Records
@@ -96,7 +96,12 @@ class Session:
         torch.manual_seed(spec.runtime.seed)
         build = _Builder(spec, host, device)
         data = build.component("dataset", spec.data.dataset, spec.data.params).load()
-        model = build.component("model", spec.model.loader, spec.model.params).load(spec.task)
+        try:
+            model = build.component("model", spec.model.loader, spec.model.params).load(spec.task)
+        except (ImportError, RuntimeError) as exc:  # timm and smp import torchvision: only they need it
+            if "torchvision" in str(exc):
+                require_torchvision()  # a torch/torchvision pair that does not match: the pip command that fixes it
+            raise
         build.data, build.model = data, model
         model.module.to(device)
         if checks is not None:
@@ -162,11 +167,14 @@ class Sink:
 
 
 def execute(session: Session, job: Job, start: int, stop: int, clean: list[dict] | None = None,
-            sink: Sink | None = None, batch_size: int | None = None) -> Records:
+            sink: Sink | None = None, batch_size: int | None = None, carried: list[dict | None] | None = None) -> Records:
     """The records of cases ``[start, stop)`` of ``job``, batch by batch (``start`` a multiple
     of the batch size, so batches are the same in any split). ``clean``: the clean job's
     records of the same cases (attack jobs). ``batch_size``: the spec's unless given (smaller
-    after running out of memory)."""
+    after running out of memory). ``carried`` (``runtime.strategy: verdict``): per case, an
+    earlier job's record of an adversarial that already broke it, or None; such a case is not
+    attacked and its record takes the earlier adversarial's outcome over
+    (:meth:`TaskProtocol.carry`)."""
     spec, p, sink = session.spec, session.protocol, sink or Sink()
     defended = session.models[job.defense]
     attack = None if job.is_clean else session.attacks[job.spec_attack]
@@ -176,6 +184,7 @@ def execute(session: Session, job: Job, start: int, stop: int, clean: list[dict]
     facets |= (defended.screen or NO_SCREEN).facets
     facets |= {Facet.CASE_SCORES} if metrics else set()
     facets |= {Facet.COVARIATES} if session.data.covariates is not None else set()
+    facets |= {Facet.CARRIED} if carried is not None else set()
     records: list[dict] = []
     cuda = session.device.type == "cuda"
     for b, x, y in session.data.batches(start, stop, batch_size or spec.runtime.batch_size, spec.runtime.workers,
@@ -185,21 +194,26 @@ def execute(session: Session, job: Job, start: int, stop: int, clean: list[dict]
         generator = torch.Generator(device=session.device).manual_seed(seed)
         before = None if clean is None else clean[b - start : b - start + len(x)]
         x, y = x.to(session.device, non_blocking=cuda), y.to(session.device, non_blocking=cuda)
-        rows, found = _batch(session, job, attack, defended, metrics, b, x, y, before, generator, sink)
+        taken = None if carried is None else carried[b - start : b - start + len(x)]
+        rows, found = _batch(session, job, attack, defended, metrics, b, x, y, before, generator, sink, taken)
         facets |= found
         records.extend(rows)
     return Records(records, facets)
 
 
 def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedModel, metrics: dict[str, Metric],
-           b: int, x, y, clean: list[dict] | None, generator, sink: Sink) -> tuple[list[dict], set[Facet]]:
-    """Score one batch clean (a clean job) or attack the cases the protocol says and score them."""
+           b: int, x, y, clean: list[dict] | None, generator, sink: Sink,
+           carried: list[dict | None] | None = None) -> tuple[list[dict], set[Facet]]:
+    """Score one batch clean (a clean job) or attack the cases the protocol says (less those
+    ``carried`` over from an earlier job) and score them."""
     p, data, model, n = session.protocol, session.data, defended.module, len(x)
     k = session.model.num_classes
     spacing = data.spacing if data.case_spacings is None else data.case_spacings[b : b + n]
     positions = torch.arange(b, b + n, device=x.device)
     screen, facets = defended.screen or NO_SCREEN, set()
     attacked = p.attacked(y, clean, Facet.REJECTION in screen.facets)
+    if carried is not None:
+        attacked &= torch.tensor([c is None for c in carried], dtype=torch.bool, device=attacked.device)
     idx = attacked.nonzero().flatten()
     threat = session.spec.threat_model.norm
     sizes = {**{norm.value: torch.zeros(n, device=x.device) for norm in recorded_norms(threat)},
@@ -284,6 +298,10 @@ def _batch(session: Session, job: Job, attack: Attack | None, defended: LoadedMo
         if data.covariates is not None:
             row["covariates"] = data.covariates[b + i]
         row["case"] = data.case_ids[b + i]
+    if carried is not None:
+        rows = [row if source is None else p.carry(row, source, threat) for row, source in zip(rows, carried)]
+        for row in rows:
+            row.setdefault("carried", None)
     return rows, facets
 
 

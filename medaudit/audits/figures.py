@@ -450,6 +450,10 @@ def embed_2d(points: torch.Tensor) -> tuple[torch.Tensor, str]:
 #: t-SNE iterations (the first 250 with early exaggeration); 500 keeps the figure under a
 #: second or two for a thousand points on one CPU core.
 TSNE_ITERATIONS = 500
+#: Cases the feature embedding shows at most (each twice: clean and adversarial).
+EMBEDDING_CASES = 256
+#: The model-explaining figures ``report.figures`` may ask for.
+EXPLAINING = ("grad_cam", "embedding")
 
 
 def paired_features(run_dir: Path, jobs: list, job) -> dict[str, torch.Tensor] | None:
@@ -478,9 +482,9 @@ def embedding_figure(run_dir: Path, jobs: list, job, class_names: list[str], pat
     if pairs is None:
         log.info("feature embedding figure left out: no penultimate features were kept for job %s", job.id)
         return None
-    n = len(pairs["truth"])
-    coords, method = embed_2d(torch.cat([pairs["clean"], pairs["adversarial"]]))
-    truth = torch.cat([pairs["truth"], pairs["truth"]])
+    n = min(len(pairs["truth"]), EMBEDDING_CASES)  # the first ones: t-SNE's time grows with the square of the points
+    coords, method = embed_2d(torch.cat([pairs["clean"][:n], pairs["adversarial"][:n]]))
+    truth = torch.cat([pairs["truth"][:n], pairs["truth"][:n]])
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
@@ -509,7 +513,8 @@ def embedding_figure(run_dir: Path, jobs: list, job, class_names: list[str], pat
         "id": path.stem,
         "title": "Deep features, clean and adversarial",
         "caption": f"{method.split(' (')[0]} embedding in 2D of the undefended model's penultimate features (the input "
-        f"of its last Linear layer) for {n} cases: of the first {FEATURE_CASES} of the data set, those "
+        f"of its last Linear layer) for {n} cases: of the first {FEATURE_CASES} of the data set, the first "
+        f"{EMBEDDING_CASES} at most of those "
         f"{short(job.attack)} attacked at epsilon {job.epsilon_label} (the cases classified correctly when clean; "
         "the attack that left the lowest robust accuracy at the largest budget). Each case appears twice, clean "
         f"(blue) and adversarial (red), embedded jointly ({2 * n} points); the marker gives its true class. Axes "
@@ -620,18 +625,11 @@ def segmentation_figures(run_dir: Path, rows: list[dict], jobs: list, epsilons: 
 
 
 def classification_figures(
-    run_dir: Path, rows: list[dict], jobs: list = (), epsilons: list[float] = (), class_names: list[str] = (), model=None
+    run_dir: Path, rows: list[dict], jobs: list = (), epsilons: list[float] = (), class_names: list[str] = (), model=None,
+    explaining: tuple[str, ...] | list[str] = EXPLAINING,
 ) -> list[dict]:
     """The robustness curve; with the jobs, also example triptychs, and with the undefended
-    :class:`LoadedModel` (``model``), Grad-CAM and the feature embedding for the attack that
-    left the lowest robust accuracy at the largest epsilon. A model without ``nn.Conv2d``
-    (``nn.Linear``) or without gradient access gets no Grad-CAM (embedding) figure; a log
-    line says why."""
-    from torch import nn
-
-    from medaudit.core.components import Access
-    from medaudit.core.probes import last_layer
-
+    :class:`LoadedModel` (``model``), the ``explaining`` figures (:func:`explaining_figures`)."""
     figures = [robustness_figure(rows, "robust_accuracy", "Robust accuracy", run_dir / "figures" / "robust-accuracy.png"),
                *budget_figures(rows, "robust_accuracy", "Robust accuracy", run_dir / "figures")]
     if jobs and epsilons:
@@ -640,30 +638,53 @@ def classification_figures(
         figures.append(_optional("examples", examples_figure, run_dir, jobs, eps, names, out / "examples.png"))
         figures.append(_optional("smallest perturbations", smallest_flip_figure, run_dir, jobs, eps, names,
                                  out / "smallest-perturbations.png"))
-        job = strongest_job(run_dir, jobs, eps) if model is not None else None
-        if job is not None:
-            if last_layer(model.module, nn.Conv2d) is None:
-                log.info("Grad-CAM figure left out: the model has no nn.Conv2d layer")
-            elif Access.GRADIENTS not in model.access:
-                log.info("Grad-CAM figure left out: the model gives no gradients")
-            else:
-                figures.append(_optional("Grad-CAM", grad_cam_figure, run_dir, job, model.module, names, out / "grad-cam.png"))
-            if last_layer(model.module, nn.Linear) is None:
-                log.info("feature embedding figure left out: the model has no nn.Linear layer")
-            else:
-                figures.append(
-                    _optional("feature embedding", embedding_figure, run_dir, jobs, job, names, out / "feature-embedding.png")
-                )
+        if model is not None:
+            figures += explaining_figures(run_dir, jobs, eps, names, model, explaining)
     return [f for f in figures if f is not None]
 
 
-def task_figures(task, run_dir: Path, rows: list[dict], jobs: list, epsilons: list[float], data, model) -> list[dict]:
+def explaining_figures(run_dir: Path, jobs: list, eps: float, class_names: list[str], model,
+                       explaining: tuple[str, ...] | list[str] = EXPLAINING) -> list[dict]:
+    """Grad-CAM and the feature embedding (those named in ``explaining``) of the undefended
+    :class:`LoadedModel` for the attack that left the lowest robust accuracy at ``eps``, from
+    what the run directory kept: drawn at the end of a run, or later by ``medaudit report
+    --figures``. A model without ``nn.Conv2d`` (``nn.Linear``) or without gradient access gets
+    no Grad-CAM (embedding) figure; a log line says why."""
+    from torch import nn
+
+    from medaudit.core.components import Access
+    from medaudit.core.probes import last_layer
+
+    job = strongest_job(run_dir, jobs, eps)
+    if job is None:
+        return []
+    out, figures = run_dir / "figures", []
+    if "grad_cam" not in explaining:
+        log.info("Grad-CAM figure left out: not in report.figures")
+    elif last_layer(model.module, nn.Conv2d) is None:
+        log.info("Grad-CAM figure left out: the model has no nn.Conv2d layer")
+    elif Access.GRADIENTS not in model.access:
+        log.info("Grad-CAM figure left out: the model gives no gradients")
+    else:
+        figures.append(_optional("Grad-CAM", grad_cam_figure, run_dir, job, model.module, class_names, out / "grad-cam.png"))
+    if "embedding" not in explaining:
+        log.info("feature embedding figure left out: not in report.figures")
+    elif last_layer(model.module, nn.Linear) is None:
+        log.info("feature embedding figure left out: the model has no nn.Linear layer")
+    else:
+        figures.append(_optional("feature embedding", embedding_figure, run_dir, jobs, job, class_names,
+                                 out / "feature-embedding.png"))
+    return [f for f in figures if f is not None]
+
+
+def task_figures(task, run_dir: Path, rows: list[dict], jobs: list, epsilons: list[float], data, model,
+                 explaining: tuple[str, ...] | list[str] = EXPLAINING) -> list[dict]:
     """The report's figures of ``task``, from the results rows and the run directory."""
     from medaudit.core.components import Task
 
     if task is Task.SEGMENTATION:
         return segmentation_figures(run_dir, rows, jobs, epsilons, data.mask_class_names or [], model.num_classes)
-    return classification_figures(run_dir, rows, jobs, epsilons, data.class_names, model)
+    return classification_figures(run_dir, rows, jobs, epsilons, data.class_names, model, explaining)
 
 
 def data_uri(run_dir: Path, relative: str) -> str:

@@ -107,7 +107,7 @@ class ShardWorker:
         return {"host": platform.node(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], **describe_environment(self.session.device)}
 
-    def run(self, shard: Shard, clean: list[dict] | None) -> dict[str, Any]:
+    def run(self, shard: Shard, clean: list[dict] | None, carried: list[dict | None] | None = None) -> dict[str, Any]:
         """The shard's records and side outputs; out of GPU memory, or an exception raised in
         the audited model's own code, the answer says so instead (the driver decides: a
         smaller batch, or a stop that names the model and the batch's cases)."""
@@ -115,7 +115,7 @@ class ShardWorker:
         sink.start = shard.start
         started = time.perf_counter()
         try:
-            records = execute(self.session, shard.job, shard.start, shard.stop, clean, sink, shard.batch_size)
+            records = execute(self.session, shard.job, shard.start, shard.stop, clean, sink, shard.batch_size, carried)
         except torch.cuda.OutOfMemoryError as exc:
             if self.session.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -250,9 +250,10 @@ class RayPool:
 
     # -- running ------------------------------------------------------------------------
 
-    def run(self, todo: list[Job], progress, overall) -> None:
+    def run(self, todo: list[Job], progress, overall, carried: dict[str, list[dict | None]] | None = None) -> None:
         """Run the unfinished jobs: clean jobs first, each attack job once its clean job is
-        committed; commit each job when its last shard is back and fire ``job_finished``."""
+        committed; commit each job when its last shard is back and fire ``job_finished``.
+        ``carried``: per job id, the cases carried over (``runtime.strategy: verdict``)."""
         ray, runner = self.ray, self.runner
         run_dir, n = runner.run_dir, len(runner.data)
         first = case_ranges(n, runner.batch_size, self.shard_cases(n, runner.batch_size))
@@ -297,8 +298,10 @@ class RayPool:
                 while ready and idle:
                     shard, w = ready.popleft(), idle.pop(0)
                     rows = None if shard.job.is_clean else clean[shard.job.defense][shard.start : shard.stop]
+                    taken = (carried or {}).get(shard.job.id)
                     started.setdefault(shard.job.id, time.perf_counter())
-                    inflight[self.actors[w].run.remote(shard, rows)] = (w, shard)
+                    inflight[self.actors[w].run.remote(
+                        shard, rows, None if taken is None else taken[shard.start : shard.stop])] = (w, shard)
                 [ref], _ = ray.wait(list(inflight), num_returns=1)
                 w, shard = inflight.pop(ref)
                 try:

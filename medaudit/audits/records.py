@@ -22,6 +22,8 @@ from medaudit.core.jobs import Records
 #: the smallest fooling perturbation found for the sample (None when none was found).
 #: ``clean_finite``/``adv_finite`` (in segmentation records too) say whether every output of
 #: the model was finite (no NaN or Inf) on the clean input and on the input under attack.
+#: Under ``runtime.strategy: verdict``, ``carried`` names the earlier job whose adversarial a
+#: case took over instead of being attacked again (None: attacked here, or not at all).
 FIELDS = ("case", "label", "clean_pred", "adv_pred", "attacked", "linf", "l2", "in_range", "clean_finite", "adv_finite")
 #: Fields of a segmentation record: per-class lists (index = class) of Dice, IoU and HD95,
 #: clean and under attack, and per-case pixel accuracy. Targeted attacks add

@@ -124,6 +124,9 @@ def _definitions() -> dict[str, dict]:
             "budget": _with(STRING, "The name of the attack's own budget (a corruption's severity), when no norm "
                                     "bounds it."),
             "corruption": _with({"type": "object"}, "A corruption's effect on the clean predictions."),
+            "skipped_attacks": _list("A worst case the verdict strategy decided before every attack at its budget ran "
+                                     "(a blocking criterion had failed): the attacks that did not run; the true worst "
+                                     "case is at most this row's value.", STRING),
             "perceptibility": _object("How visible the perturbations are (attacked cases only).", {
                 "n": _with(COUNT, "Attacked cases."),
                 "ssim_mean": _with(NULLABLE_NUMBER, "Mean SSIM between clean and adversarial images."),
@@ -305,7 +308,23 @@ def results_json_schema() -> dict[str, Any]:
         "budget": _with(STRING, "The name of the attack's own budget, if it has one."),
         "seconds": _with(NULLABLE_NUMBER, "Wall-clock time of the job."),
         "batch_size": _with(COUNT, "The batch size it ran at."),
+        "skipped": _with(STRING, "Why it did not run (runtime.strategy verdict stopped once the verdict was decided)."),
     }, ("id", "defense", "attack", "epsilon"))
+    strategy = _object("How the jobs ran (runtime.strategy): full runs every job on every case; verdict runs attacks "
+                       "cheapest first, each on the cases still robust, and stops once the blocking criteria are "
+                       "decided.", {
+        "name": {"enum": ["full", "verdict"], "description": "The strategy."},
+        "order": _list("The ids of the jobs that ran, in the order they ran.", STRING),
+        "carried": _with({"type": "object", "additionalProperties": COUNT},
+                         "verdict: per job, the cases it did not attack because an earlier job's adversarial (at "
+                         "this budget or a smaller one) already broke them; their records carry it over."),
+        "exact": _list("verdict: the jobs run on every case because a criterion or gate reads their own figure.", STRING),
+        "stopped": _with({"type": ["object", "null"]}, "verdict: after which job the run stopped, why, and how many "
+                                                      "jobs it skipped; null when every job ran."),
+        "skipped": _list("verdict: the jobs that did not run, with the reason.", _object("A skipped job.", {
+            "job": _with(STRING, "Its id."), "title": _with(STRING, "Its title."),
+            "reason": _with(STRING, "Why it did not run.")}, ("job", "reason"))),
+    }, ("name", "order"))
     curve = _object("Robust accuracy against epsilon from a minimum-norm attack.", {
         "defense": _with(STRING, "The defense label."),
         "attack": _with(STRING, "The minimum-norm attack's label."),
@@ -369,6 +388,7 @@ def results_json_schema() -> dict[str, Any]:
         "figures": _list("The report's figures.", figure),
         "conventions": _list("The conventions behind the numbers, as the report states them.", STRING),
         "jobs": _list("Every job of the plan.", job),
+        "strategy": strategy,
         "timeline": _list("The run's events (start, job, resume...), from timeline.jsonl.", {
             **_object("One event; the other keys depend on the event (a job's id, seconds and batch size; the "
                       "command that started or resumed the run; the signal that stopped it).",

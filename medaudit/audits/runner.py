@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import medaudit
-from medaudit.audits import history, rundir
+from medaudit.audits import history, rundir, strategy
 from medaudit.audits.figures import certified_figure, convergence_figure, task_figures
 from medaudit.audits.plan import check_model_access, plan_jobs
 from medaudit.audits.records import (
@@ -45,7 +45,7 @@ from medaudit.core.perturbation import input_gradient
 from medaudit.core.tasks import protocol
 from medaudit.core.privacy import refuse_leaks
 from medaudit.core.probes import FeatureTap
-from medaudit.core.spec import NO_DEFENSE, Spec, epsilon_label
+from medaudit.core.spec import NO_DEFENSE, WORST_CASE, Spec, epsilon_label
 
 class Interrupted(MedauditError):
     exit_code = ExitCode.INTERRUPTED
@@ -196,6 +196,11 @@ class Runner:
         self.session = Session.load(spec, self.host, self.device, checks=self._check_loaded)
         self.models, self.attacks = self.session.models, self.session.attacks
         self.jobs = plan_jobs(spec, self.host)
+        #: The jobs in the order the strategy runs them (:mod:`medaudit.audits.strategy`).
+        self.order = strategy.run_order(spec, self.jobs, self.attacks, self.model.num_classes)
+        #: Jobs the verdict strategy left out, with the reason, and where and why it stopped.
+        self.skipped: dict[str, str] = {}
+        self.stopped: dict[str, Any] | None = None
         self.fingerprints = {
             "spec_sha256": spec.digest(),
             "model_sha256": self.model.fingerprint,
@@ -306,7 +311,7 @@ class Runner:
         rundir.log_event(run_dir, event="resume" if resume_dir else "start", command=self.command)
         self.host.pm.hook.audit_started(spec=self.spec, run_dir=run_dir, jobs=self.jobs)
 
-        todo = [job for job in self.jobs if not is_done(run_dir, job.id)]
+        todo = [job for job in self.order if not is_done(run_dir, job.id)]
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=self.console, disable=not self.show_progress, transient=False,
@@ -314,7 +319,9 @@ class Runner:
         with progress:
             overall = progress.add_task("jobs", total=len(self.jobs), completed=len(self.jobs) - len(todo))
             try:
-                if self.pool is not None:  # shards on Ray workers; the hooks fire here as jobs are committed
+                if self.spec.runtime.strategy == strategy.VERDICT:
+                    self._run_verdict(progress, overall)
+                elif self.pool is not None:  # shards on Ray workers; the hooks fire here as jobs are committed
                     self.pool.run(todo, progress, overall)
                 else:
                     for job in todo:
@@ -331,6 +338,48 @@ class Runner:
                 ) from None
 
         return Outcome(run_dir, self.build_results())
+
+    def _run_verdict(self, progress: Progress, overall) -> None:
+        """``runtime.strategy: verdict`` (:mod:`medaudit.audits.strategy`): the jobs in the
+        strategy's order, each attack job on the cases still robust, until the blocking
+        criteria are decided; the jobs left are skipped, and a resume decides the same."""
+        spec, run_dir = self.spec, self.run_dir
+        cached: dict[str, Records] = {}
+        records = strategy.read_cached(run_dir, cached)
+        judge = strategy.Verdict(spec, self.host, self.jobs)
+        exact = strategy.exact_jobs(spec, self.host, self.jobs)
+        carries = self.protocol.carries
+        done = {job.id for job in self.order if is_done(run_dir, job.id)}
+        for i, job in enumerate(self.order):
+            decision = judge.decide(done, records)
+            if decision.stop:
+                left = [j for j in self.order[i:] if j.id not in done]
+                if left:
+                    self.skipped = {j.id: f"not needed for the verdict: {decision.reason}" for j in left}
+                    after = next((j.id for j in reversed(self.order[:i]) if j.id in done), None)
+                    self.stopped = {"after": after, "reason": decision.reason, "skipped": len(left)}
+                    rundir.log_event(run_dir, event="early_stop", after=after, skipped=[j.id for j in left],
+                                     detail=f"stopped with {len(left)} jobs left: {decision.reason}")
+                    progress.update(overall, total=len(done))
+                    if self.show_progress:
+                        self.console.print(f"verdict strategy: {len(left)} jobs skipped, {decision.reason}")
+                break
+            if job.id in done:
+                continue
+            carried = None
+            if carries and not job.is_clean and not job.budget and job.id not in exact:
+                carried = strategy.carried_over(job, self.order[:i], records, len(self.data))
+            if self.pool is not None:
+                self.pool.run([job], progress, overall, carried={job.id: carried} if carried is not None else None)
+            else:
+                summary = self.run_job(job, progress, carried)
+                progress.advance(overall)
+                self.host.pm.hook.job_finished(job=job, summary=summary, run_dir=run_dir)
+            done.add(job.id)
+
+    def ran_jobs(self) -> list[Job]:
+        """The planned jobs that ran (all of them, unless the verdict strategy skipped some), in plan order."""
+        return [j for j in self.jobs if j.id not in self.skipped]
 
     def gradient_health(self, cases: int = 32) -> dict[str, dict]:
         """Per model an attack differentiates (each defense's naive and adaptive views): how
@@ -378,10 +427,10 @@ class Runner:
             n = min(max(options.noise_cases, options.convergence_cases), len(self.data))
             x, y = self._first_cases(n) if n else (None, None)  # read once for both re-runs
             k = min(options.noise_cases, n)
-            found["noise"] = noise_baseline(self.models, self.jobs, computed["records"], x[:k], y[:k],
+            found["noise"] = noise_baseline(self.models, self.ran_jobs(), computed["records"], x[:k], y[:k],
                                             self.data.case_ids[:k], spec, self.batch_size) if k else {}
             k = min(options.convergence_cases, n)
-            found["convergence"] = convergence(self.models, self.jobs, computed, self.attacks, self.protocol, x[:k],
+            found["convergence"] = convergence(self.models, self.ran_jobs(), computed, self.attacks, self.protocol, x[:k],
                                                y[:k], spec, self.batch_size) if k else {}
         found["seconds"] = round(time.perf_counter() - started, 3)
         return found
@@ -401,9 +450,10 @@ class Runner:
             "data description": data.description,
         }
 
-    def run_job(self, job: Job, progress: Progress) -> dict[str, Any]:
-        """Run one job over every case, write its records and return its metric values. Out
-        of GPU memory, the job starts again at half the batch size (:meth:`_halve_batch`)."""
+    def run_job(self, job: Job, progress: Progress, carried: list[dict | None] | None = None) -> dict[str, Any]:
+        """Run one job over every case (less the ``carried`` ones: :func:`execute`), write its
+        records and return its metric values. Out of GPU memory, the job starts again at half
+        the batch size (:meth:`_halve_batch`)."""
         started = time.perf_counter()
         n = len(self.data)
         clean = None
@@ -422,7 +472,7 @@ class Runner:
 
             sink = RunSink(self.run_dir, self.data, self.protocol.keeps_features, advance)
             try:
-                records = execute(self.session, job, 0, n, clean, sink, batch_size=bs)
+                records = execute(self.session, job, 0, n, clean, sink, batch_size=bs, carried=carried)
                 writer.write(records)
                 sink.finish(job)
                 break
@@ -488,21 +538,29 @@ class Runner:
         data = self.data
         # Before anything else runs the model again: did the jobs leave its weights as they found them?
         self.probe["weights_unchanged"] = state_dict_sha256(self.model.module) == self.weights_sha256
-        computed = compute_results(spec, host, self.jobs, self.run_dir, self.protocol.class_names(data))
+        ran = self.ran_jobs()
+        computed = compute_results(spec, host, ran, self.run_dir, self.protocol.class_names(data))
+        for row in computed["rows"]:  # a worst case decided (failed) before every attack at its budget ran
+            if row["attack"] == WORST_CASE and (left := [j.attack for j in self.jobs if j.id in self.skipped
+                                                         and j.defense == row["defense"] and not j.budget
+                                                         and j.epsilon == row["epsilon"]]):
+                row["skipped_attacks"] = left
         soundness = self.soundness(computed)
         certified = self.certified()
-        checks = validity_checks(spec, host, self.jobs, computed["records"], computed["rows"], self.gradient_health(),
+        checks = validity_checks(spec, host, ran, computed["records"], computed["rows"], self.gradient_health(),
                                  {**self.probe, "randomized": spec.model.randomized}, attacks=self.attacks,
                                  clean=computed["clean"], soundness=soundness, chance=self._chance(),
                                  averaging_views={ref.label: host.get("defense", ref.name).averaging_views
-                                                  for ref in spec.defenses})
+                                                  for ref in spec.defenses},
+                                 cumulative=spec.runtime.strategy == strategy.VERDICT and self.protocol.carries)
         accepted = acceptance(spec, host, computed, checks, run_dir=self.run_dir)
         timeline = rundir.read_timeline(self.run_dir)
         seconds = {e["job"]: e["seconds"] for e in timeline if e.get("event") == "job"}
         usage = {e["job"]: {k: e[k] for k in ("batch_size", "gpu_memory_peak_mib", "gpu_utilisation_percent") if k in e}
                  for e in timeline if e.get("event") == "job"}
-        figures = task_figures(spec.task, self.run_dir, computed["rows"], self.jobs, spec.threat_model.epsilons, data,
-                               self.models[NO_DEFENSE])
+        epsilons = [e for e in spec.threat_model.epsilons if any(j.epsilon == e and not j.budget for j in ran)]
+        figures = task_figures(spec.task, self.run_dir, computed["rows"], ran, epsilons or spec.threat_model.epsilons,
+                               data, self.models[NO_DEFENSE], spec.report.figures)
         if certified:
             figures.append(certified_figure(certified, computed["rows"], self.protocol.headline,
                                             spec.threat_model.norm.value, self.run_dir / "figures" / "certified.png"))
@@ -586,9 +644,16 @@ class Runner:
             "jobs": [
                 {"id": j.id, "title": j.title(), "defense": j.defense, "attack": j.attack, "view": j.view,
                  "spec_attack": j.spec_attack, "epsilon": j.epsilon, **({"budget": j.budget} if j.budget else {}),
-                 "seconds": seconds.get(j.id), **usage.get(j.id, {})}
+                 "seconds": seconds.get(j.id), **usage.get(j.id, {}),
+                 **({"skipped": self.skipped[j.id]} if j.id in self.skipped else {})}
                 for j in self.jobs
             ],
+            "strategy": strategy.describe(
+                spec, self.order, {j.id for j in ran}, self.skipped,
+                {job_id: n for job_id, rows in computed["records"].items()
+                 if Facet.CARRIED in rows.facets and (n := sum(bool(r.get("carried")) for r in rows))},
+                strategy.exact_jobs(spec, host, self.jobs) if spec.runtime.strategy == strategy.VERDICT else set(),
+                self.stopped),
             "timeline": timeline,
             "environment": json.loads((self.run_dir / "environment.json").read_text(encoding="utf-8")),
             "seed": spec.runtime.seed,

@@ -10,6 +10,7 @@ only for C6 and C7: they compare per-case correctness.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -213,6 +214,13 @@ def noise_baseline(models: dict[str, LoadedModel], jobs: list, records: dict[str
     return found
 
 
+def sign_test(k: int, n: int) -> float:
+    """The exact one-sided sign test: P(X >= k) for X ~ Binomial(n, 1/2) (1 when n is 0).
+    What scipy's ``binomtest(k, n, 0.5, alternative="greater")`` gives, without importing
+    scipy.stats (most of a second) for one number."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n if n else 1.0
+
+
 def convergence(models: dict[str, LoadedModel], jobs: list, computed: dict, attacks: dict, protocol,
                 x_all: torch.Tensor, y_all: torch.Tensor, spec, batch_size: int | None = None) -> dict[str, dict]:
     """C6 and the report's convergence figure: per model, the strongest iterative attack
@@ -220,8 +228,6 @@ def convergence(models: dict[str, LoadedModel], jobs: list, computed: dict, atta
     iterations and ``convergence_restarts`` fresh restarts on the first cases (``x_all``) it
     attacked, against its own records on them: the cases newly broken and an exact one-sided
     binomial test on the cases the two runs disagree on. Models that reject inputs are left out."""
-    from scipy.stats import binomtest
-
     from medaudit.audits.execute import view_modules
     from medaudit.core.spec import epsilon_label
 
@@ -239,8 +245,9 @@ def convergence(models: dict[str, LoadedModel], jobs: list, computed: dict, atta
             found[label] = {"attack": job.attack, "skipped": f"{job.attack} has no steps or queries to raise"}
             continue
         records = computed["records"][job.id][: len(x_all)]
-        attacked = torch.tensor([r["attacked"] for r in records], device=x_all.device)
-        before = [bool(r["adv_correct"]) for r in records if r["attacked"]]
+        ran = [r["attacked"] and not r.get("carried") for r in records]  # a carried case was not attacked by this job
+        attacked = torch.tensor(ran, device=x_all.device)
+        before = [bool(r["adv_correct"]) for r, a in zip(records, ran) if a]
         if not before:
             continue
         order = sorted(range(len(before)), key=lambda i: not before[i])  # robust cases first: their traces matter
@@ -251,7 +258,7 @@ def convergence(models: dict[str, LoadedModel], jobs: list, computed: dict, atta
         after = [not f for f in again["fooled"]]
         newly = sum(b and not a for b, a in zip(before, after))
         recovered = sum(a and not b for b, a in zip(before, after))
-        p_value = binomtest(newly, newly + recovered, 0.5, alternative="greater").pvalue if newly + recovered else 1.0
+        p_value = sign_test(newly, newly + recovered)
         found[label] = {
             "attack": job.attack, "epsilon": eps, "epsilon_label": epsilon_label(eps, spec.threat_model.norm),
             "cases": len(before), "factor": options.convergence_factor, "restarts": options.convergence_restarts,

@@ -60,6 +60,9 @@ class Facet(str, enum.Enum):
     CASE_SCORES = "case_scores"  #: clean_<metric>, adv_<metric> of metrics that score cases
     COVARIATES = "covariates"  #: ``covariates``: the data set's per-case metadata (site, scanner...)
     PERCEPTIBILITY = "perceptibility"  #: psnr, ssim of each attacked case against its clean image (None elsewhere)
+    #: ``carried`` (``runtime.strategy: verdict``): the job whose adversarial the case took
+    #: over instead of being attacked again (None: attacked by this job, or not at all)
+    CARRIED = "carried"
 
 
 class AttackFamily(str, enum.Enum):
@@ -533,6 +536,22 @@ class Attack(Component):
     #: The integer parameters that set how long the attack searches, for :meth:`strengthened`.
     effort_params: ClassVar[tuple[str, ...]] = ("steps", "queries")
 
+    def cost(self, num_classes: int) -> float:
+        """Model passes per case the attack may spend, from its params (a gradient step counts
+        3: forward and backward), only to run attacks cheapest first under ``runtime.strategy:
+        verdict``; a rough, deterministic figure, not a measurement. Default: its largest
+        :attr:`effort_params` value (1 without one) times its restarts, target classes (at
+        most ``num_classes - 1``) and EOT draws."""
+        p = self.params
+        effort = [v for k in self.effort_params if isinstance(v := getattr(p, k, None), int)]
+        total = float(max(effort, default=1))
+        for name in ("restarts", "search_steps"):
+            total *= getattr(p, name, None) or 1
+        if isinstance(targets := getattr(p, "n_target_classes", None), int):
+            total *= max(1, min(targets, num_classes - 1))
+        total *= self.eot_samples()
+        return total * (3 if self.needs is Access.GRADIENTS else 1)
+
     def strengthened(self, factor: int) -> "Attack | None":
         """A copy that searches ``factor`` times longer (each of its :attr:`effort_params`), for
         the convergence check (Carlini et al. 2019, C6); None when it has no such parameter."""
@@ -584,16 +603,19 @@ class MinimumNormAttack(Attack):
     """An attack that searches for each sample's smallest fooling perturbation (DeepFool,
     C&W, FAB) instead of working within a budget.
 
-    :meth:`perturb` computes the minimal adversarials once per model and batch (cached, and
-    seeded by :meth:`seed_key`, which leaves out the budget) and projects them onto the
-    eps-ball; each record also carries the minimal perturbation's size (``min_norm``; None
-    where none was found), so one run yields a whole robustness curve.
+    :meth:`perturb` computes each case's minimal adversarial once per model (cached case by
+    case, and seeded by :meth:`seed_key`, which leaves out the budget) and projects it onto
+    the eps-ball; each record also carries the minimal perturbation's size (``min_norm``;
+    None where none was found), so one run yields a whole robustness curve. A batch searches
+    only its cases not cached yet: under ``runtime.strategy: verdict`` a larger budget
+    attacks a subset of the cases a smaller one did, and finds them all cached.
     """
 
     family: ClassVar[AttackFamily] = AttackFamily.MINIMUM_NORM
     extra_names: ClassVar[tuple[str, ...]] = ("min_norm",)
-    #: Batches whose minimal adversarials are kept (a recomputed one is the same: same seed).
-    cache_size: ClassVar[int] = 64
+    #: Bytes of minimal adversarials kept (the oldest go first; a case searched again is
+    #: found the same way: same seed and batch).
+    cache_bytes: ClassVar[int] = 512 * 2**20
 
     @abc.abstractmethod
     def minimal(
@@ -614,17 +636,24 @@ class MinimumNormAttack(Attack):
         from medaudit.core.perturbation import project
 
         cache = self.__dict__.setdefault("_minimal", {})
-        key = (id(model), hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest(), str(y.tolist()), norm)
-        if key not in cache:
-            x_min = self.minimal(model, x, y, norm=norm, generator=generator).detach()
+        rows = x.detach().cpu().contiguous().numpy()
+        keys = [(id(model), norm, hashlib.sha256(row.tobytes()).hexdigest(), label)
+                for row, label in zip(rows, y.tolist())]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            idx = torch.tensor(missing, device=x.device)
+            x_min = self.minimal(model, x[idx], y[idx], norm=norm, generator=generator).detach()
             with torch.inference_mode():
-                found = model(x_min).argmax(1) != y
-            flat = (x_min - x).flatten(1)
+                found = model(x_min).argmax(1) != y[idx]
+            flat = (x_min - x[idx]).flatten(1)
             size = flat.abs().amax(1) if norm is Norm.LINF else flat.norm(dim=1)
-            cache[key] = (x_min, [float(s) if f else None for s, f in zip(size.tolist(), found.tolist())])
-            while len(cache) > self.cache_size:
-                cache.pop(next(iter(cache)))
-        x_min, sizes = cache[key]
+            for j, (i, s, f) in enumerate(zip(missing, size.tolist(), found.tolist())):  # two host syncs in all
+                cache[keys[i]] = (x_min[j].clone(), float(s) if f else None)
+        x_min, sizes = torch.stack([cache[key][0] for key in keys]), [cache[key][1] for key in keys]
+        kept = sum(v[0].numel() * v[0].element_size() for v in cache.values())
+        while kept > self.cache_bytes and cache:
+            oldest = cache.pop(next(iter(cache)))
+            kept -= oldest[0].numel() * oldest[0].element_size()
         x_adv = project(x_min, x, eps, norm) if eps > 0 else x.clone()
         return AttackOutcome(x_adv, {"min_norm": sizes})
 
@@ -731,6 +760,11 @@ class Metric(Component):
     #: True when the metric is a rate of one class against the rest: ``compute_class(records,
     #: c)`` gives it per class, and a criterion may name the class (``class:``).
     per_class: ClassVar[bool] = False
+    #: True when its value on the worst case can only move to the worse side (``better``) as
+    #: more attacks run: it depends on each case only through the worst the attacks did to
+    #: it (robust accuracy, robust Dice). ``runtime.strategy: verdict`` then stops at a
+    #: criterion that fails before every attack at its budget has run.
+    monotone: ClassVar[bool] = False
     #: True when the metric scores each case in the job's batch loop (:meth:`score_cases`),
     #: e.g. from the predicted and true masks, which records do not keep.
     scores_cases: ClassVar[bool] = False

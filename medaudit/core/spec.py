@@ -369,6 +369,13 @@ class ReportOptions(_Section):
         description="Outputs besides results.json: report.html, junit.xml (criteria as test cases for CI), "
         "and report.pdf (report.html printed by a headless Chromium; not a default, needs Chromium installed).",
     )
+    figures: list[Literal["grad_cam", "embedding"]] = Field(
+        default_factory=lambda: ["grad_cam", "embedding"],
+        description="The model-explaining figures drawn at the end of a run (classification): Grad-CAM on the example "
+        "cases and the feature embedding (t-SNE of at most 256 cases): about 2 s of the demo's 25, scikit-learn's import "
+        "included; "
+        "[] leaves them out, and `medaudit report RUN_DIR --figures grad_cam,embedding` draws them later.",
+    )
 
 
 #: How to install what ``runtime.executor: ray`` needs.
@@ -436,6 +443,14 @@ class Runtime(_Section):
         "slower, and an operation without a deterministic version stops the run. CPU runs are deterministic anyway.",
     )
 
+    strategy: Literal["full", "verdict"] = Field(
+        "full",
+        description="full runs every job on every case. verdict spends compute only where it can still change the "
+        "verdict: attacks run cheapest first, each attack and each larger epsilon only on the cases still robust "
+        "(an adversarial found at a smaller epsilon counts at every larger one: carried over), and the run stops "
+        "once the blocking criteria are decided. The worst case and the verdict are full's; per-attack figures "
+        "become cumulative. Needs a blocking criterion.",
+    )
     executor: Literal["local", "ray"] = Field(
         "local", description="local runs every job in this process; ray shards the jobs over worker processes on "
         "the GPUs of this machine or a Ray cluster (runtime.ray). Results do not depend on it.",
@@ -518,6 +533,15 @@ class Spec(_Section):
         return data
 
     @model_validator(mode="after")
+    def _verdict_needs_criteria(self) -> "Spec":
+        if self.runtime.strategy == "verdict" and not any(
+                c.severity == "blocking" for c in [*self.acceptance.criteria, *self.acceptance.regression]):
+            raise ValueError("runtime.strategy verdict runs only what the verdict needs, and without a blocking "
+                             "criterion (acceptance.criteria or acceptance.regression) nothing decides it: add one, "
+                             "or use strategy full")
+        return self
+
+    @model_validator(mode="after")
     def _unique_labels(self) -> "Spec":
         for section, refs in (("attacks", self.attacks), ("defenses", self.defenses)):
             seen: set[str] = set()
@@ -537,6 +561,9 @@ class Spec(_Section):
         data = self.model_dump(mode="json")
         for where in ("output_dir", "history", "executor", "ray"):  # where a run goes and runs, not what it computes
             data["runtime"].pop(where, None)
+        data["report"].pop("figures", None)  # figures can be drawn later (medaudit report --figures)
+        if data["runtime"].get("strategy") == "full":  # the default keeps the digests of specs written before it
+            data["runtime"].pop("strategy")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def title(self) -> str:

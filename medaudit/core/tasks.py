@@ -84,6 +84,28 @@ class TaskProtocol(abc.ABC):
         """A targeted attack's per-case success (facet TARGET)."""
         raise NotImplementedError(f"targeted attacks are not scored for {self.task.value}")
 
+    #: Whether a case can be "broken" for good (classification: a wrong answer), so that
+    #: ``runtime.strategy: verdict`` carries an adversarial over instead of attacking again.
+    carries: bool = False
+
+    def carry(self, row: dict, source: dict, norm: Any) -> dict:
+        """The record of a case not attacked because an earlier job's adversarial (``source``)
+        already broke it: ``row``'s fields, with the attack's outcome taken from ``source``
+        (every ``adv_`` field, the perturbation's sizes, its perceptibility) and ``carried``
+        naming the job that found it. A minimum-norm job's ``min_norm`` becomes the carried
+        perturbation's size: the smallest perturbation known for the case."""
+        out = dict(row)
+        for key, value in source.items():
+            if key.startswith("adv_") and key in row and key != "adv_correct":
+                out[key] = value
+        for key in ("attacked", "in_range", "linf", "l2", "psnr", "ssim"):
+            if key in source and key in row:
+                out[key] = source[key]
+        if "min_norm" in row:
+            out["min_norm"] = source.get(norm.value)
+        out["carried"] = source["carried"]
+        return out
+
     def worst_case(self, per_attack: Sequence[Sequence[dict]]) -> Records:
         """Merge the records of several attacks at one epsilon, case by case (:class:`Records`
         with the facets every merged job shares)."""
@@ -113,6 +135,7 @@ class Classification(TaskProtocol):
     facets = frozenset({Facet.CLASSIFICATION, Facet.PERTURBATION, Facet.FINITE})
     scores = ("pred", "finite")
     keeps_features = True
+    carries = True
 
     def output_shape(self, model: LoadedModel, x: torch.Tensor) -> tuple[int, ...]:
         return (len(x), model.num_classes)

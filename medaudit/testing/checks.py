@@ -164,8 +164,9 @@ def check_metric_class(cls: type[Metric]) -> None:
            f"{name}: bounds must be an interval (low < high)")
     ensure(isinstance(cls.needs, frozenset) and all(isinstance(f, Facet) for f in cls.needs),
            f"{name}: needs must be a frozenset of Facet")
-    ensure(isinstance(cls.clean, bool) and isinstance(cls.scores_cases, bool),
-           f"{name}: clean and scores_cases are bools")
+    ensure(isinstance(cls.clean, bool) and isinstance(cls.scores_cases, bool) and isinstance(cls.monotone, bool),
+           f"{name}: clean, scores_cases and monotone are bools")
+    ensure(not (cls.monotone and cls.clean), f"{name}: a clean metric sees no attack, so it cannot be monotone")
     if cls.scores_cases:
         ensure(cls.score_cases is not Metric.score_cases, f"{name} says it scores cases but has no score_cases")
         ensure(Facet.CASE_SCORES in cls.needs, f"{name} scores cases, so it needs Facet.CASE_SCORES")
@@ -312,6 +313,9 @@ def check_attack(
     budget). ``params`` should make it quick (few steps or queries)."""
     check_class(cls)
     ensure(model.task in cls.tasks, f"{cls.name} does not support the model's task {model.task.value!r}")
+    cost = cls(cls.Params.model_validate(dict(params or {}))).cost(model.num_classes)
+    ensure(isinstance(cost, (int, float)) and math.isfinite(cost) and cost > 0,
+           f"{cls.name}: cost() must be a positive, finite number of model passes per case, not {cost!r}")
     context = attack_context(data, model)
     _, x, y = next(data.batches(0, cases, cases, task=model.task))
     if cls.budget is not None:

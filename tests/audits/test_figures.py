@@ -189,3 +189,35 @@ def test_a_minimum_norm_attack_shows_the_smallest_flip_of_a_few_cases(model_cach
     assert "minimum-norm" in figure["caption"] and "Data:" in figure["caption"]
     pixels = imread(outcome.run_dir / figure["path"])[..., :3]
     assert pixels.shape[1] > 300 and pixels.std() > 0.05  # without a minimum-norm attack: no such figure (above)
+
+
+def test_figures_left_out_by_the_spec_are_drawn_later_by_medaudit_report(audit, tmp_path):
+    from click.testing import CliRunner
+
+    from medaudit.cli import cli
+
+    runner, outcome = audit
+    later = run(tmp_path, report="report:\n  figures: []")[1]
+    drawn = {f["id"]: f for f in json.loads((outcome.run_dir / "results.json").read_text(encoding="utf-8"))["figures"]}
+    results = json.loads((later.run_dir / "results.json").read_text(encoding="utf-8"))
+    assert {f["id"] for f in results["figures"]} == set(drawn) - {"grad-cam", "feature-embedding"}
+    assert results["fingerprints"]["spec_sha256"] == json.loads(
+        (outcome.run_dir / "results.json").read_text(encoding="utf-8"))["fingerprints"]["spec_sha256"]
+
+    refused = CliRunner().invoke(cli, ["report", str(later.run_dir), "--figures", "tsne"])
+    assert refused.exit_code != 0 and "grad_cam, embedding" in refused.output
+    done = CliRunner().invoke(cli, ["report", str(later.run_dir), "--figures", "grad_cam,embedding"])
+    assert done.exit_code == 0, done.output
+    results = json.loads((later.run_dir / "results.json").read_text(encoding="utf-8"))
+    figures = {f["id"]: f for f in results["figures"]}
+    assert {"grad-cam", "feature-embedding"} <= set(figures)
+    for name in ("grad-cam", "feature-embedding"):  # as the run would have drawn them
+        assert figures[name]["caption"] == drawn[name]["caption"]
+        assert (later.run_dir / figures[name]["path"]).read_bytes() == (outcome.run_dir / drawn[name]["path"]).read_bytes()
+    html = (later.run_dir / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == len(figures)
+
+    results["fingerprints"]["model_sha256"] = "0" * 64  # another model now: its figures would explain the wrong one
+    (later.run_dir / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    stale = CliRunner().invoke(cli, ["report", str(later.run_dir), "--figures", "grad_cam"])
+    assert stale.exit_code != 0 and "not the one audited" in stale.output

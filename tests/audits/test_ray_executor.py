@@ -125,6 +125,31 @@ def test_ray_gives_the_records_and_results_of_the_local_executor(cluster, local_
 
 
 @pytest.mark.slow
+def test_ray_runs_the_verdict_strategy_as_the_local_executor_does(cluster, tmp_path):
+    """Each job is sharded over the workers with the cases carried over to it; the records match the local run's."""
+    host = get_host(load_entry_points=False)
+    runs = {}
+    for executor in ("local", "ray"):
+        path = tmp_path / f"{executor}.yaml"
+        path.write_text(spec_text(
+            data=f"data:\n  dataset: phantom\n  params: {{n: {N}, size: 64, seed: 0}}",
+            threat_model="threat_model:\n  norm: linf\n  epsilons: [0.5/255, 2/255]",
+            attacks="attacks:\n  - name: pgd\n    params: {steps: 3}\n  - name: fgsm",
+            acceptance="acceptance:\n  criteria:\n    - {id: A, metric: perturbation_linf_max, attack: worst_case, "
+                       "epsilon: 2/255, op: '<=', threshold: 0.5}",
+            runtime=f"runtime:\n  device: cpu\n  batch_size: {BATCH}\n  seed: 0\n  num_threads: 1\n  strategy: verdict\n"
+                    f"  output_dir: {tmp_path / executor}\n  executor: {executor}\n  ray: {{num_workers: 2, shard_cases: {BATCH}}}",
+        ), encoding="utf-8")
+        runs[executor] = run_audit(load_spec(path, host), host)
+    local, sharded = runs["local"], runs["ray"]
+    assert numbers(sharded.results) == numbers(local.results)
+    assert sharded.results["strategy"]["carried"] == local.results["strategy"]["carried"]
+    assert sharded.results["strategy"]["carried"]  # pgd ran after fgsm, on what fgsm left
+    for job in local.results["jobs"]:
+        assert record_path(sharded.run_dir, job["id"]).read_bytes() == record_path(local.run_dir, job["id"]).read_bytes()
+
+
+@pytest.mark.slow
 def test_a_worker_that_dies_mid_job_has_its_shard_retried(cluster, local_run):
     base = local_run["base"]
     marker = local_run["marker"]

@@ -77,3 +77,13 @@ def test_metric_value_names_the_interval_it_gives():
     assert bca["interval"] == "bca" and (bca["ci_low"], bca["ci_high"]) == bca_interval(mean.per_case, 0.95)
     assert "ci_low" not in metric_value(MetricValue(value=0.1, n=3), 0.95)
     assert metric_value(None, 0.95) is None
+
+
+@pytest.mark.parametrize("k, n", [(0, 0), (0, 5), (3, 5), (5, 5), (7, 20), (15, 20), (40, 60), (1, 1)])
+def test_the_convergence_check_s_sign_test_is_scipy_s_one_sided_binomial_test(k, n):
+    from scipy.stats import binomtest
+
+    from medaudit.audits.soundness import sign_test
+
+    expected = binomtest(k, n, 0.5, alternative="greater").pvalue if n else 1.0
+    assert sign_test(k, n) == pytest.approx(expected, rel=1e-12)

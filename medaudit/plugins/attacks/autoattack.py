@@ -398,6 +398,10 @@ class AutoAttack(Attack):
     def losses(self):
         return frozenset().union(*(m.losses() for m in self.members()))
 
+    def cost(self, num_classes: int) -> float:
+        """The members' costs added up (each runs on what the ones before left robust: an upper figure)."""
+        return sum(m.cost(num_classes) for m in self.members())
+
     def members(self) -> list[Attack]:
         from medaudit.plugins.attacks.fab import FAB, FABT, FABParams, FABTParams
 

@@ -76,6 +76,10 @@ class OnePixel(Attack):
     needs = Access.SCORES
     Params = OnePixelParams
 
+    def cost(self, num_classes: int) -> float:
+        """One query per candidate and generation, the first population included."""
+        return float(self.params.population * (self.params.generations + 1))
+
     def perturb(self, model, x, y, *, eps, norm, generator):
         norm = Norm(norm)
         if norm not in self.norms:

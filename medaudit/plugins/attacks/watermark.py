@@ -283,6 +283,10 @@ class Watermark(Attack):
         self.last_fooled: torch.Tensor | None = None
         self.last_grid_index: torch.Tensor | None = None
 
+    def cost(self, num_classes: int) -> float:
+        """One query per (length, strength) tried, at most."""
+        return float(len(self.params.lengths) * len(self.params.strengths))
+
     def perturb(self, model, x, y, *, eps, norm, generator):
         if x.dim() != 4:
             raise ValueError(f"watermark supports 2D images (N x C x H x W); got shape {tuple(x.shape)}")

@@ -45,6 +45,7 @@ class RobustAccuracy(Metric):
 
     name = "robust_accuracy"
     needs = CLASSIFICATION
+    monotone = True
     bounds = UNIT
 
     def compute(self, records):
@@ -57,6 +58,7 @@ class AttackSuccessRate(Metric):
     name = "attack_success_rate"
     needs = CLASSIFICATION
     better = "lower"
+    monotone = True
     bounds = UNIT
 
     def compute(self, records):

@@ -59,7 +59,7 @@ class CleanDice(_CaseMean):
 class RobustDice(_CaseMean):
     """Mean Dice over cases under attack; for ``worst_case`` each case counts its lowest Dice over the attacks."""
 
-    name, field = "robust_dice", "adv_dice"
+    name, field, monotone = "robust_dice", "adv_dice", True
 
 
 class CleanIoU(_CaseMean):
@@ -109,6 +109,7 @@ class BrokenCaseRate(Metric):
     of the data set (ROG's success criterion, Daza et al. MICCAI 2021)."""
 
     name, better, tasks, bounds, needs = "broken_case_rate", "lower", SEG, UNIT, SCORES
+    monotone = True
 
     def compute(self, records):
         if not records:

@@ -12,6 +12,7 @@ folder is ``$MEDAUDIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/medaudit``, else
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from medaudit.plugins.models.timm import TimmLoader, TimmParams, build_timm
 log = logging.getLogger(__name__)
 
 #: Bump when the training recipe changes, so stale cached checkpoints are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: trained with TRAINING_THREADS CPU threads
 #: Training data seeds start here; evaluation specs use small seeds.
 TRAIN_SEED_OFFSET = 1_000_000
 
@@ -65,8 +66,31 @@ def cached_checkpoint(prefix: str, config: dict) -> Path:
     return cache_dir() / f"{prefix}-{key}.pt"
 
 
+#: CPU threads the demo models train with, whatever the process uses: training is chaotic,
+#: and float sums split over another number of threads give another model (the classifier's
+#: weights differ by up to 15 between 1 and 2 threads), so a cached demo model would depend
+#: on which process trained it first.
+TRAINING_THREADS = 2
+
+
+@contextlib.contextmanager
+def training_threads():
+    """Train with :data:`TRAINING_THREADS` CPU threads, and give the caller's count back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_demo(p: DemoParams, path: Path) -> None:
     """Train on phantom slices and write the state dict atomically to ``path``."""
+    with training_threads():
+        _train_demo(p, path)
+
+
+def _train_demo(p: DemoParams, path: Path) -> None:
     torch.manual_seed(p.seed)
     model = build_timm(_timm_params(p, None))
     x, y, _ = make_phantoms(PhantomParams(n=p.train_size, size=p.image_size, seed=TRAIN_SEED_OFFSET + p.seed))
@@ -152,6 +176,11 @@ def _unet_3d_params(checkpoint: Path | None, patch_size: list[int] | None = None
 
 def train_demo_unet(p: DemoUNetParams, path: Path) -> None:
     """Train on phantom label maps (cross-entropy + soft Dice) and save the state dict."""
+    with training_threads():
+        _train_demo_unet(p, path)
+
+
+def _train_demo_unet(p: DemoUNetParams, path: Path) -> None:
     from medaudit.core.segmentation import soft_dice_loss
 
     torch.manual_seed(p.seed)

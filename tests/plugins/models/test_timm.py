@@ -94,6 +94,24 @@ def test_broken_torchvision_gives_install_advice():
     assert "torchvision cannot be imported" in out and f"pip install 'torchvision==0.{minor + 15}.*'" in out
 
 
+def test_a_loader_that_fails_on_a_broken_torchvision_gets_the_same_advice_at_load_time(write_spec, host, monkeypatch):
+    """The run no longer imports torchvision eagerly (only timm and smp models need it): a
+    loader that fails on it is answered with the pip command that fixes the pair."""
+    from medaudit.audits.runner import Runner
+    from medaudit.core.errors import EnvironmentProblem
+    from medaudit.core.spec import load_spec
+    from medaudit.plugins.models.demo import DemoModel
+
+    def broken(self, task):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    spec = load_spec(write_spec(), host)
+    monkeypatch.setattr(DemoModel, "load", broken)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what a mismatched pair gives on import
+    with pytest.raises(EnvironmentProblem, match="torchvision cannot be imported.*pip install 'torchvision=="):
+        Runner(spec, host, show_progress=False).load()
+
+
 @pytest.mark.parametrize("torch_version,command", [
     ("2.4.1", "pip install 'torchvision==0.19.*'"), ("2.11.0+cu130", "pip install 'torchvision==0.26.*'"),
     ("2.14.1", "pip install 'torchvision==0.29.*'"), (None, "pip install 'torch>=2.4' 'torchvision>=0.19'"),
