@@ -1,6 +1,6 @@
 """Time to verdict: runtime.strategy verdict against full on the examples.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/strategy.py [--examples attacks demo] [--repeats 1] [--threads 2]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/strategy.py [--examples attacks demo] [--repeats 1] [--threads 2] [--no-figures]
 
 Each example runs with each strategy in a fresh process, the strategies interleaved
 (full, verdict, full, verdict...), at a fixed thread count. Printed per example: wall and
@@ -9,7 +9,8 @@ whether the verdicts and the worst case at every budget that ran are the same, a
 attack the samples sent through the model by the attack (forward passes, counted by
 wrapping the model each attack job differentiates) with the share verdict saved. For each
 full run also the non-compute share: the wall time outside the jobs and the validity
-re-runs (imports, loading, figures, reports; goal on the demo: <= 20 %).
+re-runs (imports, loading, figures, reports; goal on the demo: <= 20 %). ``--no-figures``
+runs the examples with ``report.figures: []`` (no Grad-CAM, no t-SNE embedding).
 
 Trained models only (the examples' demo model): a random-init model is flat and hides a
 broken attack. attacks.yaml with strategy full takes about 15 minutes on 2 CPU cores.
@@ -64,16 +65,18 @@ cli(["run", sys.argv[1], "--run-dir", sys.argv[3], "--force", "-q"], standalone_
 """
 
 
-def spec_with(example: str, strategy: str, folder: Path) -> Path:
+def spec_with(example: str, strategy: str, folder: Path, figures: bool = True) -> Path:
     spec = yaml.safe_load((ROOT / "examples" / f"{example}.yaml").read_text(encoding="utf-8"))
     spec.setdefault("runtime", {})["strategy"] = strategy
+    if not figures:
+        spec.setdefault("report", {})["figures"] = []
     path = folder / f"{example}-{strategy}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
 
 
-def run_once(example: str, strategy: str, folder: Path, threads: int) -> dict:
-    spec = spec_with(example, strategy, folder)
+def run_once(example: str, strategy: str, folder: Path, threads: int, figures: bool = True) -> dict:
+    spec = spec_with(example, strategy, folder, figures)
     run_dir, calls = folder / f"run-{example}-{strategy}", folder / f"calls-{example}-{strategy}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -103,19 +106,21 @@ def main() -> None:
     parser.add_argument("--examples", nargs="+", default=["attacks", "demo"])
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each strategy per example (interleaved).")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-figures", action="store_true", help="report.figures: [] (no Grad-CAM, no embedding)")
     args = parser.parse_args()
     for example in args.examples:
         runs: dict[str, list[dict]] = {"full": [], "verdict": []}
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.repeats):
                 for strategy in runs:
-                    runs[strategy].append(run_once(example, strategy, Path(tmp), args.threads))
+                    runs[strategy].append(run_once(example, strategy, Path(tmp), args.threads, not args.no_figures))
         full, verdict = runs["full"], runs["verdict"]
 
         def best(rs: list[dict], key: str) -> float:
             return min(r[key] for r in rs)
 
-        print(f"== examples/{example}.yaml ({args.repeats} run(s) of each strategy, interleaved, {args.threads} threads)")
+        print(f"== examples/{example}.yaml ({args.repeats} run(s) of each strategy, interleaved, {args.threads} threads"
+              f"{', report.figures: []' if args.no_figures else ''})")
         for name, rs in runs.items():
             r = rs[0]
             share = 1 - best(rs, "compute") / best(rs, "wall")
