@@ -101,7 +101,7 @@ class Verdict:
     to tell whether any job left can still change the verdict."""
 
     def __init__(self, spec: Spec, host: Host, jobs: list[Job]):
-        self.spec, self.host, self.jobs = spec, host, jobs
+        self.spec, self.host = spec, host
         self.task = protocol(spec.task)
         self.blocking: list[tuple[Criterion | Regression, list[Job]]] = []
         for c in [*spec.acceptance.criteria, *spec.acceptance.regression]:
